@@ -1,0 +1,329 @@
+"""Residual networks and their plain (no-skip) twins: the CIFAR and ImageNet families.
+
+Written in Flax linen because it gives what the training code needs and nothing else to learn:
+`model.init` and `model.apply` are pure functions of (variables, inputs), so `jax.eval_shape`
+on `init` gives shapes and parameter counts without allocating anything, and BatchNorm's running
+statistics live in an explicit `batch_stats` collection that the pure train step threads
+through like any other state. It is also the API of the Flax ImageNet example most JAX
+researchers already know:
+
+  variables = model.init(rng, x, train=False)             # {"params", "batch_stats"}
+  logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  logits = model.apply(variables, x, train=False)
+
+`x` is float [B, H, W, C], already normalised, of any spatial size and channel count (28x28x1
+Fashion-MNIST works for both families); logits are float32 [B, num_classes] whatever `dtype`.
+
+Families (build them with `get_model`):
+- CIFAR (He et al. 2016, section 4.2): 3x3 conv stem with 16 filters, three stages of n basic
+  blocks with 16/32/64 filters, depth 6n+2. Shortcut option A is parameter-free (subsample by 2,
+  zero-pad the new channels), option B a 1x1 projection conv + BN; both only where the shape
+  changes, identity elsewhere.
+- ImageNet: 7x7/2 stem + 3x3/2 max pool, four stages of 64/128/256/512 filters (x4 at the output
+  of bottleneck blocks), projection (option B) shortcuts where the shape changes. Variant "v1.5"
+  (default, torchvision's layout) strides the bottleneck's 3x3 conv, "v1" its first 1x1 conv;
+  parameter counts equal torchvision's. "v2" is pre-activation (He et al., "Identity Mappings",
+  2016) in big_vision's layout: the stem has no BN (each block normalises its own input), a
+  projection reads the block's pre-activated input, and a final BN + ReLU (`head_bn`) precedes
+  the pool.
+- The plain twin (`skip=False`) is the same stack of layers with no shortcut addition and no
+  projection layers.
+
+Layout other modules rely on: the top-level submodules are, in input-to-output order, `stem`,
+`stage{s}_block{b}` (1-based), [`head_bn`, v2 only,] `head` (the dense layer). A block of the
+plain twin has the layers that would form one residual branch. Each block sows the RMS of its
+output into the `intermediates` collection as `activation_rms` (free unless `intermediates` is
+mutable). Projection layers are `shortcut_conv` and `shortcut_bn` inside their block.
+
+BatchNorm takes no `axis_name`: the train step is one `jax.jit` over a device mesh with the batch
+sharded on its `data` axis, so XLA (GSPMD) computes each mean and variance over the global batch
+and inserts the cross-device reductions itself. `axis_name` is only for `pmap`/`shard_map`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnet_jax.config import DTYPES, SHORTCUTS, VARIANTS, model_depth
+
+ModuleDef = Any
+# One convolution of a residual branch: (kernel size, output filters, stride).
+ConvSpec = tuple[int, int, int]
+
+# Blocks per stage for each named ImageNet depth (He et al. 2016, Table 1; ResNet-200 from
+# "Identity Mappings"). Depths 50 and up use bottleneck blocks.
+IMAGENET_STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+IMAGENET_STAGE_FILTERS = (64, 128, 256, 512)
+CIFAR_STAGE_FILTERS = (16, 32, 64)
+BOTTLENECK_EXPANSION = 4
+
+# He et al. 2015 initialisation, fan_out mode, as the ResNet paper and torchvision use.
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def basic_branch(filters: int, stride: int) -> tuple[ConvSpec, ...]:
+  """Two 3x3 convs; the first one strides."""
+  return ((3, filters, stride), (3, filters, 1))
+
+
+def bottleneck_branch(filters: int, stride: int, *, stride_on_3x3: bool) -> tuple[ConvSpec, ...]:
+  """1x1 reduce, 3x3, 1x1 expand to 4x filters; v1.5 and v2 stride the 3x3, v1 the first 1x1."""
+  return ((1, filters, 1 if stride_on_3x3 else stride),
+          (3, filters, stride if stride_on_3x3 else 1),
+          (1, BOTTLENECK_EXPANSION * filters, 1))
+
+
+def branch_stride(branch: Sequence[ConvSpec]) -> int:
+  return math.prod(stride for _, _, stride in branch)
+
+
+def changes_shape(x, features: int, stride: int) -> bool:
+  """Whether a block taking `x` to `features` channels at `stride` needs a non-identity shortcut."""
+  return stride != 1 or x.shape[-1] != features
+
+
+def conv_layer(conv: ModuleDef, spec: ConvSpec, name: str) -> nn.Module:
+  """A conv with torchvision's symmetric padding (k // 2), so odd sizes halve like ceil(H / 2)."""
+  kernel, filters, stride = spec
+  return conv(filters, (kernel, kernel), (stride, stride), padding=kernel // 2, name=name)
+
+
+def projected_shortcut(x, *, features: int, stride: int, kind: str, conv: ModuleDef,
+                       norm: ModuleDef):
+  """The shortcut where a block changes shape: x [B, H, W, C] -> [B, H/stride, W/stride, features].
+
+  Called inside a block's compact `__call__`, so its layers belong to that block.
+  Option "A" subsamples and zero-pads the new channels (no parameters); "B" is a 1x1 conv + BN.
+  """
+  if kind == "A":
+    y = x[:, ::stride, ::stride, :]
+    return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, features - x.shape[-1])))
+  y = conv_layer(conv, (1, features, stride), name="shortcut_conv")(x)
+  return norm(name="shortcut_bn")(y)
+
+
+def root_mean_square(y):
+  """float32 scalar: the RMS of all of `y`, the activation size diagnostics track per block."""
+  return jnp.sqrt(jnp.mean(jnp.square(y.astype(jnp.float32))))
+
+
+def branch_norm_init(index: int, branch: Sequence[ConvSpec], zero_init_residual: bool):
+  """The scale init of BN `index` (1-based) of `branch`: zeros for the last one under
+  zero_init_residual, so every block starts as its shortcut (Goyal et al. 2017); else ones."""
+  last = index == len(branch)
+  return nn.initializers.zeros if last and zero_init_residual else nn.initializers.ones
+
+
+class PostActBlock(nn.Module):
+  """A block of the original ResNet (CIFAR, v1, v1.5): [conv-BN-ReLU]*, conv-BN, add, ReLU.
+
+  x: [B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), C_out], C_out and stride from
+  `branch`. `conv` and `norm` are partially applied nn.Conv / nn.BatchNorm from the network.
+  """
+  branch: tuple[ConvSpec, ...]
+  conv: ModuleDef
+  norm: ModuleDef
+  skip: bool = True
+  shortcut: str = "B"
+  zero_init_residual: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    y = x
+    for i, spec in enumerate(self.branch, start=1):
+      y = conv_layer(self.conv, spec, name=f"conv{i}")(y)
+      y = self.norm(scale_init=branch_norm_init(i, self.branch, self.zero_init_residual),
+                    name=f"bn{i}")(y)
+      if i < len(self.branch):
+        y = nn.relu(y)
+    if self.skip:
+      features, stride = self.branch[-1][1], branch_stride(self.branch)
+      if changes_shape(x, features, stride):
+        x = projected_shortcut(x, features=features, stride=stride, kind=self.shortcut,
+                               conv=self.conv, norm=self.norm)
+      y = y + x
+    y = nn.relu(y)
+    self.sow("intermediates", "activation_rms", root_mean_square(y))
+    return y
+
+
+class PreActBlock(nn.Module):
+  """A pre-activation block (v2): [BN-ReLU-conv]*, add. Shapes as in `PostActBlock`.
+
+  The first BN-ReLU also feeds a projection shortcut; an identity shortcut takes the raw input.
+  """
+  branch: tuple[ConvSpec, ...]
+  conv: ModuleDef
+  norm: ModuleDef
+  skip: bool = True
+  shortcut: str = "B"
+  zero_init_residual: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    y = x
+    for i, spec in enumerate(self.branch, start=1):
+      # Zeroing the last BN's scale zeroes the ReLU and so the last conv: the branch starts at 0.
+      y = nn.relu(self.norm(scale_init=branch_norm_init(i, self.branch, self.zero_init_residual),
+                            name=f"bn{i}")(y))
+      if i == 1:
+        preactivated = y
+      y = conv_layer(self.conv, spec, name=f"conv{i}")(y)
+    if self.skip:
+      features, stride = self.branch[-1][1], branch_stride(self.branch)
+      if changes_shape(x, features, stride):
+        x = projected_shortcut(preactivated, features=features, stride=stride,
+                               kind=self.shortcut, conv=self.conv, norm=self.norm)
+      y = y + x
+    self.sow("intermediates", "activation_rms", root_mean_square(y))
+    return y
+
+
+class Stem(nn.Module):
+  """conv(kernel, stride) [-BN-ReLU] [-3x3/2 max pool]: [B, H, W, C] -> [B, H', W', features]."""
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  kernel_size: int = 3
+  stride: int = 1
+  max_pool: bool = False
+  normalize: bool = True  # False for pre-activation nets: the first block normalises.
+
+  @nn.compact
+  def __call__(self, x):
+    x = conv_layer(self.conv, (self.kernel_size, self.features, self.stride), name="conv")(x)
+    if self.normalize:
+      x = nn.relu(self.norm(name="bn")(x))
+    if self.max_pool:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+
+CIFAR_STEM = functools.partial(Stem, kernel_size=3, stride=1, max_pool=False)
+IMAGENET_STEM = functools.partial(Stem, kernel_size=7, stride=2, max_pool=True)
+
+
+class ResNet(nn.Module):
+  """Stem, stages of blocks, global average pool, dense: x [B, H, W, C] -> logits f32 [B, classes].
+
+  The first stage keeps the stem's resolution; every later stage halves it in its first block.
+  Stage filters and the stem's filters (the first stage's) are multiplied by `width`.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    stage_filters: filters of each stage's branch convs (x4 at a bottleneck's output).
+    branch_convs: (filters, stride) -> the ConvSpecs of one block's branch.
+    num_classes: outputs of the dense head.
+    stem: a partially applied `Stem`.
+    preact: pre-activation (v2) blocks, a stem without BN and a final BN + ReLU.
+    skip: False builds the plain twin.
+    shortcut: "A" or "B", where a block changes shape.
+    dtype: computation dtype; parameters are float32.
+  """
+  stage_sizes: Sequence[int]
+  stage_filters: Sequence[int]
+  branch_convs: Callable[[int, int], tuple[ConvSpec, ...]]
+  num_classes: int
+  stem: ModuleDef = CIFAR_STEM
+  preact: bool = False
+  skip: bool = True
+  shortcut: str = "A"
+  zero_init_residual: bool = False
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  width: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=he_normal_fan_out)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, param_dtype=jnp.float32)
+    block_cls = PreActBlock if self.preact else PostActBlock
+    x = self.stem(features=self.stage_filters[0] * self.width, conv=conv, norm=norm,
+                  normalize=not self.preact, name="stem")(x)
+    for s, (size, filters) in enumerate(zip(self.stage_sizes, self.stage_filters), start=1):
+      for b in range(1, size + 1):
+        stride = 2 if s > 1 and b == 1 else 1
+        x = block_cls(branch=self.branch_convs(filters * self.width, stride), conv=conv,
+                      norm=norm, skip=self.skip, shortcut=self.shortcut,
+                      zero_init_residual=self.zero_init_residual, name=f"stage{s}_block{b}")(x)
+    if self.preact:
+      x = nn.relu(norm(name="head_bn")(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="head")(x)
+    return x.astype(jnp.float32)
+
+
+def computation_dtype(dtype) -> jnp.dtype:
+  """The jnp dtype named by `dtype` ("float32", "bfloat16" or either jnp dtype); else ValueError."""
+  try:
+    canonical = jnp.dtype(dtype)
+  except TypeError:
+    canonical = None
+  if canonical is None or canonical.name not in DTYPES:
+    raise ValueError(f"model dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+  return canonical
+
+
+def get_model(name: str, *, num_classes: int, skip: bool = True, shortcut: str = "A",
+              variant: str = "v1.5", zero_init_residual: bool = False, bn_momentum: float = 0.9,
+              bn_epsilon: float = 1e-5, dtype="float32", width: int = 1) -> nn.Module:
+  """The network `name` ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
+
+  Args:
+    name: CIFAR depths 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200.
+    num_classes: outputs of the dense head.
+    skip: False builds the plain twin (no shortcut additions, no projection layers).
+    shortcut: "A" (zero-pad) or "B" (1x1 projection); CIFAR family only, ImageNet always "B".
+    variant: "v1", "v1.5" or "v2" (pre-activation); ImageNet family only.
+    zero_init_residual: zero the last BN scale of every residual branch; needs skip=True.
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention: torchvision's 0.1 is
+      0.9 here).
+    bn_epsilon: added to BatchNorm variances.
+    dtype: computation dtype, "float32" or "bfloat16" (or the jnp dtype).
+    width: integer multiplier on the stem's and every stage's filters.
+
+  Raises:
+    ValueError: an unknown name or depth, shortcut, variant or dtype, a non-positive width, or
+      zero_init_residual on a plain twin.
+  """
+  family, depth = model_depth(name)
+  if shortcut not in SHORTCUTS:
+    raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)}; got {shortcut!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+  if not isinstance(width, int) or width < 1:
+    raise ValueError(f"width must be a positive integer; got {width!r}")
+  if zero_init_residual and not skip:
+    # The plain twin has no residual branch; zeroing its BN scales would cut the signal.
+    raise ValueError("zero_init_residual=True needs skip=True: a plain net has no residual branch")
+  common = dict(num_classes=num_classes, skip=skip, zero_init_residual=zero_init_residual,
+                bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, dtype=computation_dtype(dtype),
+                width=width)
+  if family == "cifar":
+    n = (depth - 2) // 6
+    return ResNet(stage_sizes=(n, n, n), stage_filters=CIFAR_STAGE_FILTERS,
+                  branch_convs=basic_branch, stem=CIFAR_STEM, shortcut=shortcut, **common)
+  if depth < 50:
+    branch_convs = basic_branch
+  else:
+    branch_convs = functools.partial(bottleneck_branch, stride_on_3x3=variant != "v1")
+  return ResNet(stage_sizes=IMAGENET_STAGE_SIZES[depth], stage_filters=IMAGENET_STAGE_FILTERS,
+                branch_convs=branch_convs, stem=IMAGENET_STEM, preact=variant == "v2",
+                shortcut="B", **common)

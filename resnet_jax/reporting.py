@@ -1,0 +1,113 @@
+"""What a run writes for people and tools: metrics.jsonl, TensorBoard events, progress, summary.
+
+Only process 0 writes; on the other processes every method is a no-op. TensorBoard event files are
+written with tensorboardX, so no TensorFlow is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+def write_json_atomic(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All events of a run's metrics.jsonl, in order ([] when there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+  """Drops events after `last_step`: a resumed run logs those steps again."""
+  events = read_metrics(workdir)
+  kept = [e for e in events if e["step"] <= last_step]
+  if len(kept) == len(events):
+    return
+  path = os.path.join(workdir, METRICS_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(e) + "\n" for e in kept)
+  os.replace(path + ".tmp", path)
+
+
+class Reporter:
+  """Appends events to metrics.jsonl and TensorBoard, and shows progress.
+
+  A progress bar (step, loss, img/s, ETA) when stdout is a terminal, plain log lines otherwise.
+  """
+
+  def __init__(self, workdir: str, *, num_steps: int, first_step: int, enabled: bool,
+               progress_bar: bool):
+    self.enabled = enabled
+    self._start = time.time()
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # Imported late: only process 0 needs it.
+    self._metrics = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._bar = None
+    if progress_bar and sys.stdout.isatty():
+      self._bar = tqdm.tqdm(total=num_steps, initial=first_step, unit="step", dynamic_ncols=True)
+    self._step = first_step
+
+  def wall_time(self) -> float:
+    return time.time() - self._start
+
+  def write(self, event: dict) -> None:
+    """Records one event: {"event": "train"|"eval"|"diagnostics", "step": int, ...}."""
+    if not self.enabled:
+      return
+    self._metrics.write(json.dumps(event) + "\n")
+    self._metrics.flush()
+    kind, step = event["event"], event["step"]
+    for key, value in event.items():
+      if isinstance(value, dict):
+        for name, v in value.items():
+          self._tb.add_scalar(f"{kind}/{key}/{name}", v, step)
+      elif key not in ("event", "step") and isinstance(value, (int, float)):
+        self._tb.add_scalar(f"{kind}/{key}", value, step)
+    if kind == "diagnostics":
+      return
+    shown = {k: v for k, v in event.items()
+             if k in ("loss", "train_error", "test_error", "lr", "img_per_s")}
+    text = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+    if self._bar is not None:
+      self._bar.update(step - self._step)
+      self._step = step
+      self._bar.set_postfix_str(text)
+      if kind == "eval":
+        self._bar.write(f"step {step}: {text}")
+    else:
+      print(f"[{kind}] step {step} epoch {event.get('epoch', 0):.2f} {text}", flush=True)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.close()
+    self._metrics.close()
+    self._tb.close()
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float) and math.isfinite(value) and abs(value) >= 100:
+    return f"{value:.0f}"
+  return f"{value:.4g}" if isinstance(value, float) else str(value)

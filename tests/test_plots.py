@@ -1,0 +1,136 @@
+"""Figures and tables of finished runs, drawn from synthetic metrics (no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from resnet_jax import plots, reporting, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(depth: int, skip: bool, *, train_error: float, test_error: float,
+             status: str = "completed", diagnostics: bool = False) -> plots.Run:
+  """A run of 300 steps whose errors fall linearly to the given final values."""
+  events = []
+  blocks = ["stem", *(f"stage1_block{b}" for b in range(1, (depth - 2) // 6 + 1)), "head"]
+  for step in (100, 200, 300):
+    fraction = step / 300
+    events.append({"event": "train", "step": step, "train_error": 0.9 - fraction * (
+        0.9 - train_error)})
+    events.append({"event": "eval", "step": step, "test_error": 0.9 - fraction * (
+        0.9 - test_error)})
+    if diagnostics:
+      events.append({"event": "diagnostics", "step": step - 100,
+                     "grad_norm": {b: 0.1 * (i + 1) for i, b in enumerate(blocks)},
+                     "activation_rms": {b: 1.0 + i for i, b in enumerate(blocks[1:-1])}})
+  summary = {"status": status, "train_error": train_error, "test_error": test_error}
+  return plots.Run({"depth": depth, "skip": skip}, summary, events)
+
+
+def ablation_runs(**kwargs) -> list[plots.Run]:
+  return [fake_run(20, False, train_error=0.05, test_error=0.09, **kwargs),
+          fake_run(20, True, train_error=0.04, test_error=0.085, **kwargs),
+          fake_run(56, False, train_error=0.08, test_error=0.12, **kwargs),
+          fake_run(56, True, train_error=0.02, test_error=0.07, **kwargs)]
+
+
+def assert_png(path) -> None:
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  assert os.path.getsize(path) > 10_000
+
+
+def test_error_curves_are_written_as_a_png(tmp_path):
+  path = tmp_path / "curves.png"
+  plots.plot_error_curves(ablation_runs(), str(path), title="fashion_mnist")
+  assert_png(path)
+
+
+def test_error_curves_of_a_sweep_without_skip_have_one_panel(tmp_path):
+  runs = [plots.Run({"lr": lr}, {}, fake_run(20, True, train_error=0.1, test_error=0.1).events)
+          for lr in (0.05, 0.1)]
+  path = tmp_path / "curves.png"
+  plots.plot_error_curves(runs, str(path))
+  assert_png(path)
+
+
+def test_gradient_flow_is_written_as_a_png(tmp_path):
+  path = tmp_path / "flow.png"
+  plots.plot_gradient_flow(ablation_runs(diagnostics=True), str(path))
+  assert_png(path)
+
+
+def test_gradient_flow_without_diagnostics_says_how_to_record_them(tmp_path):
+  with pytest.raises(ValueError, match="diagnostics_every"):
+    plots.plot_gradient_flow(ablation_runs(), str(tmp_path / "flow.png"))
+
+
+def test_ablation_table_puts_plain_beside_residual_per_depth():
+  table = plots.ablation_table(ablation_runs(), dataset="fashion_mnist")
+  assert table.splitlines()[2:] == [
+      "| depth | plain train | plain test | ResNet train | ResNet test |",
+      "|---:|---:|---:|---:|---:|",
+      "| 20 | 5.00 | 9.00 | 4.00 | 8.50 |",
+      "| 56 | 8.00 | 12.00 | 2.00 | 7.00 |"]
+
+
+def test_ablation_table_on_cifar10_adds_the_papers_table6():
+  lines = plots.ablation_table(ablation_runs(), dataset="cifar10").splitlines()
+  assert lines[2].endswith("| ResNet test, paper |")
+  assert lines[4].endswith("| 8.75 |") and lines[5].endswith("| 6.97 |")
+
+
+def test_ablation_table_shows_the_status_of_a_run_that_did_not_complete():
+  runs = ablation_runs()
+  runs[2] = fake_run(56, False, train_error=float("nan"), test_error=float("nan"),
+                     status="diverged")
+  assert plots.ablation_table(runs, dataset="mnist").splitlines()[-1] == (
+      "| 56 | diverged | diverged | 2.00 | 7.00 |")
+
+
+def test_write_sweep_figures_writes_curves_table_and_gradient_flow(tmp_path):
+  paths = plots.write_sweep_figures(ablation_runs(diagnostics=True), str(tmp_path),
+                                    dataset="fashion_mnist")
+  assert [os.path.basename(p) for p in paths] == [
+      "error_curves.png", "ablation_table.md", "gradient_flow.png"]
+  assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def write_sweep_workdir(workdir) -> None:
+  """A finished two-point sweep on disk, as resnet_jax.sweep leaves it."""
+  config = ml_collections.ConfigDict({
+      "base": "configs/fashion_mnist.py", "fixed": {"diagnostics_every": 100},
+      "points": sweep.product(sweep.axis("depth", [20]), sweep.axis("skip", [False, True]))})
+  runs = {"depth=20,skip=false": fake_run(20, False, train_error=0.05, test_error=0.09,
+                                          diagnostics=True),
+          "depth=20,skip=true": fake_run(20, True, train_error=0.04, test_error=0.08,
+                                         diagnostics=True)}
+
+  def replay(point_config, point_dir):
+    run = runs[os.path.basename(point_dir)]
+    with open(os.path.join(point_dir, reporting.METRICS_FILE), "w") as f:
+      f.writelines(json.dumps(e) + "\n" for e in run.events)
+    return {**run.summary, "step": point_config.num_steps, "message": "finished"}
+
+  sweep.run_sweep(config, str(workdir), run_fn=replay)
+
+
+@pytest.mark.parametrize("script, outputs", [
+    ("plot_ablation.py", ["error_curves.png", "ablation_table.md"]),
+    ("plot_gradients.py", ["gradient_flow.png"])])
+def test_experiment_scripts_plot_a_finished_sweep(tmp_path, script, outputs):
+  write_sweep_workdir(tmp_path / "sweep")
+  out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", script),
+                        f"--workdir={tmp_path / 'sweep'}", f"--out_dir={tmp_path / 'figs'}"],
+                       cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert sorted(os.listdir(tmp_path / "figs")) == sorted(outputs)
+  assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in outputs)

@@ -1,0 +1,264 @@
+"""Tests for the streaming (Grain over TFDS ArrayRecord) input pipeline.
+
+They run on a tiny real TFDS dataset written to a temporary directory: 30 training and 13 eval
+JPEGs of random sizes, each a solid colour that encodes its label, so a batch shows whether each
+image still travels with its own label.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from resnet_jax import config as config_lib
+from resnet_jax import stream
+
+NUM_TRAIN = 30
+NUM_EVAL = 13
+EVAL_FIRST_LABEL = 50  # Eval labels are 50..62, apart from the training labels 0..29.
+IMAGE_SIZE = 24
+
+
+def label_colour(label: int) -> np.ndarray:
+  """The solid RGB colour of the image with this label: uint8 [3]."""
+  return np.array([4 * label, 250 - 3 * label, 60 + 2 * label], np.uint8)
+
+
+class StreamTestImages(tfds.core.GeneratorBasedBuilder):
+  """Solid-colour JPEGs of random sizes; written without TensorFlow (PIL images encode as-is)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=64),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(range(NUM_TRAIN)),
+            "validation": self._generate_examples(
+                range(EVAL_FIRST_LABEL, EVAL_FIRST_LABEL + NUM_EVAL))}
+
+  def _generate_examples(self, labels):
+    rng = np.random.default_rng(labels[0])
+    for label in labels:
+      height, width = rng.integers(16, 64, size=2)
+      pixels = np.broadcast_to(label_colour(label), (height, width, 3))
+      yield label, {"image": PIL.Image.fromarray(np.ascontiguousarray(pixels)), "label": label}
+
+
+@pytest.fixture(scope="module")
+def dataset_cfg(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  StreamTestImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  cfg = config_lib.default_config().dataset
+  cfg.name = "stream_test_images"
+  cfg.data_dir = str(data_dir)
+  cfg.train_split = "train"
+  cfg.eval_split = "validation"
+  cfg.image_size = IMAGE_SIZE
+  cfg.worker_count = 0
+  return cfg
+
+
+def take(ds, n: int) -> list[dict]:
+  it = iter(ds)
+  return [next(it) for _ in range(n)]
+
+
+def assert_images_match_labels(batch: dict) -> None:
+  expected = np.stack([label_colour(label) for label in batch["label"]])
+  mean_colours = batch["image"].astype(np.float64).mean(axis=(1, 2))
+  np.testing.assert_allclose(mean_colours, expected, atol=3)
+
+
+def test_split_size_counts_examples(dataset_cfg):
+  assert stream.split_size(dataset_cfg, "train") == NUM_TRAIN
+  assert stream.split_size(dataset_cfg, "validation") == NUM_EVAL
+
+
+def test_train_batches_are_the_host_share_of_the_global_batch(dataset_cfg):
+  batch = take(stream.make_train_dataset(dataset_cfg, global_batch_size=8, seed=0,
+                                         process_index=0, process_count=2), 1)[0]
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert batch["image"].dtype == np.uint8
+  assert batch["label"].shape == (4,)
+  assert batch["label"].dtype == np.int32
+
+
+def test_train_images_travel_with_their_labels(dataset_cfg):
+  for batch in take(stream.make_train_dataset(dataset_cfg, global_batch_size=10, seed=0), 3):
+    assert_images_match_labels(batch)
+
+
+def test_train_stream_is_fixed_by_the_seed(dataset_cfg):
+  def labels_and_images(seed):
+    batches = take(stream.make_train_dataset(dataset_cfg, global_batch_size=6, seed=seed), 4)
+    return (np.concatenate([b["label"] for b in batches]),
+            np.concatenate([b["image"] for b in batches]))
+
+  labels, images = labels_and_images(seed=3)
+  labels_again, images_again = labels_and_images(seed=3)
+  other_labels, _ = labels_and_images(seed=4)
+  np.testing.assert_array_equal(labels, labels_again)
+  np.testing.assert_array_equal(images, images_again)
+  assert not np.array_equal(labels, other_labels)
+
+
+def test_each_epoch_covers_the_split_once_in_a_new_order(dataset_cfg):
+  batches = take(stream.make_train_dataset(dataset_cfg, global_batch_size=10, seed=0), 6)
+  labels = np.concatenate([b["label"] for b in batches])
+  first, second = labels[:NUM_TRAIN], labels[NUM_TRAIN:]
+  assert sorted(first) == list(range(NUM_TRAIN))
+  assert sorted(second) == list(range(NUM_TRAIN))
+  assert not np.array_equal(first, second)
+
+
+def test_two_hosts_split_each_global_batch_of_one_host(dataset_cfg):
+  one_host = take(stream.make_train_dataset(dataset_cfg, global_batch_size=10, seed=0), 3)
+  hosts = [take(stream.make_train_dataset(dataset_cfg, global_batch_size=10, seed=0,
+                                          process_index=p, process_count=2), 3)
+           for p in range(2)]
+  for step in range(3):
+    host_labels = [set(hosts[p][step]["label"].tolist()) for p in range(2)]
+    assert not host_labels[0] & host_labels[1]
+    assert host_labels[0] | host_labels[1] == set(one_host[step]["label"].tolist())
+  epoch = [label for p in range(2) for batch in hosts[p] for label in batch["label"]]
+  assert sorted(epoch) == list(range(NUM_TRAIN))
+
+
+def test_global_batch_not_divisible_by_hosts_is_rejected(dataset_cfg):
+  with pytest.raises(ValueError, match="multiple of the number of hosts"):
+    stream.make_train_dataset(dataset_cfg, global_batch_size=9, seed=0, process_index=0,
+                              process_count=2)
+
+
+def test_eval_covers_every_example_once_and_masks_the_padding(dataset_cfg):
+  # 13 examples in global batches of 4: 4 batches per host, 3 padded slots.
+  hosts = [list(stream.make_eval_dataset(dataset_cfg, global_batch_size=4, process_index=p,
+                                         process_count=2)) for p in range(2)]
+  assert [len(batches) for batches in hosts] == [4, 4]
+  batches = [batch for host_batches in hosts for batch in host_batches]
+  assert all(b["image"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) for b in batches)
+  assert all(b["mask"].dtype == np.bool_ for b in batches)
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])
+  assert mask.sum() == NUM_EVAL
+  assert sorted(labels[mask]) == list(range(EVAL_FIRST_LABEL, EVAL_FIRST_LABEL + NUM_EVAL))
+  assert not images[~mask].any()
+  assert_images_match_labels({"image": images[mask], "label": labels[mask]})
+
+
+def test_eval_dataset_repeats_the_same_pass_on_each_iteration(dataset_cfg):
+  ds = stream.make_eval_dataset(dataset_cfg, global_batch_size=8)
+  first = np.concatenate([b["label"] for b in ds])
+  second = np.concatenate([b["label"] for b in ds])
+  np.testing.assert_array_equal(first, second)
+  assert len(first) == 16
+
+
+def test_inception_crop_box_stays_inside_with_area_and_ratio_in_range():
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    height, width = rng.integers(50, 400, size=2)
+    top, left, crop_height, crop_width = stream.inception_crop_box(height, width, rng)
+    assert 0 <= top and top + crop_height <= height
+    assert 0 <= left and left + crop_width <= width
+    area = crop_height * crop_width / (height * width)
+    ratio = crop_width / crop_height
+    if (top, left, crop_height, crop_width) != stream.central_crop_box(height, width):
+      assert 0.08 - 0.02 <= area <= 1.0  # Rounding to whole pixels moves the area a little.
+      assert 3 / 4 - 0.03 <= ratio <= 4 / 3 + 0.03
+
+
+def test_inception_crop_box_falls_back_to_a_central_box_for_a_thin_image():
+  # No box of 8% of the area with ratio <= 4/3 fits in 10 rows.
+  box = stream.inception_crop_box(10, 1000, np.random.default_rng(0))
+  assert box == (0, 493, 10, 13)
+
+
+def test_central_crop_box_clamps_tall_images_to_ratio_three_quarters():
+  assert stream.central_crop_box(200, 60) == (60, 0, 80, 60)
+  assert stream.central_crop_box(100, 120) == (0, 0, 100, 120)
+
+
+def test_eval_crop_resizes_the_shorter_side_then_keeps_the_centre():
+  # A 64 x 128 horizontal ramp: the shorter side 64 -> 32 (= 28 / 0.875) halves the image and
+  # the centre 28 columns of the resized image are columns 36..92 of the original.
+  ramp = np.broadcast_to(np.arange(128, dtype=np.uint8)[None, :, None], (64, 128, 3))
+  crop = stream.eval_crop(np.ascontiguousarray(ramp), 28)
+  assert crop.shape == (28, 28, 3)
+  np.testing.assert_allclose(crop[14, :, 0], 36.5 + 2 * np.arange(28), atol=1)
+
+
+def test_train_preprocess_flips_about_half_the_images():
+  ramp = np.ascontiguousarray(
+      np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 64, 3)))
+  transform = stream.TrainPreprocess(image_size=16)
+  flipped = 0
+  for seed in range(200):
+    out = transform.random_map({"image": ramp, "label": 7}, np.random.default_rng(seed))
+    assert out["image"].shape == (16, 16, 3)
+    assert out["label"] == 7
+    row = out["image"][8, :, 0].astype(int)
+    assert np.all(np.diff(row) >= 0) or np.all(np.diff(row) <= 0)
+    flipped += row[0] > row[-1]
+  assert 70 <= flipped <= 130
+
+
+def test_prefetch_to_device_yields_global_arrays_with_the_given_sharding(dataset_cfg):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  ds = stream.make_train_dataset(dataset_cfg, global_batch_size=8, seed=0)
+  host_batches = take(ds, 3)
+  device_batches = take(stream.prefetch_to_device(ds, size=2, sharding=sharding), 3)
+  for host, device in zip(host_batches, device_batches):
+    assert isinstance(device["image"], jax.Array)
+    assert device["image"].sharding == sharding
+    assert device["label"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(device["image"]), host["image"])
+    np.testing.assert_array_equal(np.asarray(device["label"]), host["label"])
+
+
+def test_restored_iterator_continues_with_the_same_batches(dataset_cfg, tmp_path):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  def device_iterator():
+    ds = stream.make_train_dataset(dataset_cfg, global_batch_size=8, seed=1)
+    return iter(stream.prefetch_to_device(ds, size=3, sharding=sharding))
+
+  uninterrupted = [next(it) for it in [device_iterator()] for _ in range(7)]
+  interrupted = device_iterator()
+  for _ in range(4):  # Past the first epoch (30 examples), with 3 more batches in flight.
+    next(interrupted)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(interrupted)))
+    manager.wait_until_finished()
+    resumed = manager.restore(4, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(device_iterator())))["data"]
+  for expected in uninterrupted[4:]:
+    batch = next(resumed)
+    np.testing.assert_array_equal(np.asarray(batch["label"]), np.asarray(expected["label"]))
+    np.testing.assert_array_equal(np.asarray(batch["image"]), np.asarray(expected["image"]))
+
+
+def test_worker_processes_give_the_same_batches_as_the_main_process(dataset_cfg):
+  in_process = take(stream.make_train_dataset(dataset_cfg, global_batch_size=6, seed=0), 4)
+  with_workers = dataset_cfg.copy_and_resolve_references()
+  with_workers.worker_count = 2
+  it = iter(stream.make_train_dataset(with_workers, global_batch_size=6, seed=0))
+  from_workers = [next(it) for _ in range(4)]
+  it.close()
+  for expected, batch in zip(in_process, from_workers):
+    np.testing.assert_array_equal(batch["label"], expected["label"])
+    np.testing.assert_array_equal(batch["image"], expected["image"])

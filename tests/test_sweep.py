@@ -1,0 +1,374 @@
+"""Sweeps: expansion and naming, skip/resume, failure isolation, results, the command line.
+
+Most tests run the sweep machinery with a fake run function that records its calls and returns
+a summary, so no network is trained; the last test runs real tiny runs end to end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from resnet_jax import diagnostics, optim, reporting, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_sweep(points, base="configs/fashion_mnist.py", fixed=None) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"base": base, "fixed": fixed or {}, "points": points})
+
+
+def load_sweep_file(name: str) -> ml_collections.ConfigDict:
+  path = os.path.join(REPO, "configs", "sweeps", name)
+  return sweep._load_get_config(path)()
+
+
+class FakeRun:
+  """Stands in for train.train_and_evaluate: records calls, diverges at lr >= 1e6, raises at
+  seed 13, and otherwise completes with errors derived from the depth."""
+
+  def __init__(self):
+    self.calls: list[tuple[str, ml_collections.ConfigDict]] = []
+
+  def __call__(self, config, workdir):
+    self.calls.append((os.path.basename(workdir), config))
+    if config.seed == 13:
+      raise RuntimeError("out of memory")
+    depth = int(config.model.name[len("resnet"):])
+    summary = {"status": "completed", "message": "finished", "step": config.num_steps,
+               "train_loss": 0.1, "train_error": depth / 1000, "test_error": depth / 500,
+               "best_test_error": depth / 600, "wall_time_s": 12.5, "num_params": 1000 * depth}
+    if config.optimizer.lr >= 1e6:
+      summary.update(status="diverged", message="loss became NaN/Inf at or before step 3",
+                     step=3)
+    reporting.write_json_atomic(os.path.join(workdir, reporting.SUMMARY_FILE), summary)
+    return summary
+
+
+def called_names(fake: FakeRun) -> list[str]:
+  return [name for name, _ in fake.calls]
+
+
+# --- Expansion and naming ---
+
+def test_product_varies_the_last_axis_fastest():
+  points = sweep.product(sweep.axis("depth", [20, 56]), sweep.axis("skip", [False, True]))
+  assert points == [{"depth": 20, "skip": False}, {"depth": 20, "skip": True},
+                    {"depth": 56, "skip": False}, {"depth": 56, "skip": True}]
+
+
+def test_zipped_pairs_points_by_position():
+  points = sweep.zipped(sweep.axis("batch_size", [64, 128]), sweep.axis("num_steps", [800, 400]))
+  assert points == [{"batch_size": 64, "num_steps": 800}, {"batch_size": 128, "num_steps": 400}]
+
+
+def test_chain_appends_points():
+  points = sweep.chain(sweep.axis("depth", [20]),
+                       sweep.product(sweep.axis("depth", [56]), sweep.axis("lr", [0.05])))
+  assert points == [{"depth": 20}, {"depth": 56, "lr": 0.05}]
+
+
+def test_zipped_rejects_parts_of_unequal_length():
+  with pytest.raises(ValueError, match=r"same number of points; got \[2, 3\]"):
+    sweep.zipped(sweep.axis("batch_size", [64, 128]), sweep.axis("num_steps", [1, 2, 3]))
+
+
+def test_product_rejects_a_field_set_twice():
+  with pytest.raises(ValueError, match="depth set twice"):
+    sweep.product(sweep.axis("depth", [20]), sweep.axis("depth", [56]))
+
+
+def test_point_name_lists_the_fields_in_order():
+  assert sweep.point_name({"depth": 56, "skip": False, "lr": 0.1}) == "depth=56,skip=false,lr=0.1"
+  assert sweep.point_name({"wd": 1e-5, "optimizer.nesterov": True}) == (
+      "wd=1e-05,optimizer.nesterov=true")
+
+
+def test_expand_sets_model_arguments_aliases_and_dotted_fields():
+  config = sweep.expand(make_sweep(
+      [{"depth": 56, "skip": False, "lr": 0.05, "wd": 5e-4, "seed": 3,
+        "optimizer.nesterov": True}]))[0].config
+  assert (config.model.name, config.model.skip) == ("resnet56", False)
+  assert (config.optimizer.lr, config.optimizer.weight_decay) == (0.05, 5e-4)
+  assert (config.seed, config.optimizer.nesterov) == (3, True)
+
+
+def test_fixed_fields_apply_to_every_point_and_points_override_them():
+  points = sweep.expand(make_sweep(sweep.axis("lr", [0.3, 0.4]),
+                                   fixed={"num_steps": 70, "optimizer": {"lr": 0.2}}))
+  assert [(p.config.num_steps, p.config.optimizer.lr) for p in points] == [(70, 0.3), (70, 0.4)]
+
+
+def test_depth_reaches_the_base_config_so_resnet110_warm_starts():
+  points = sweep.expand(make_sweep(sweep.axis("depth", [56, 110]), base="configs/cifar10.py"))
+  warmups = [(p.config.optimizer.warmup, p.config.optimizer.warmup_steps,
+              p.config.optimizer.warmup_factor) for p in points]
+  assert warmups == [("linear", 0, 0.1), ("constant", 400, 0.1)]
+
+
+def test_cifar10_ablation_runs_the_papers_protocol():
+  points = sweep.expand(load_sweep_file("ablation_cifar10.py"))
+  assert [(p.config.model.name, p.config.model.skip) for p in points] == [
+      (f"resnet{d}", s) for d in (20, 32, 44, 56, 110) for s in (False, True)]
+  for p in points:
+    opt = p.config.optimizer
+    assert (p.config.dataset.name, p.config.batch_size, p.config.num_steps) == (
+        "cifar10", 128, 64_000)
+    assert (opt.lr, opt.momentum, opt.weight_decay, opt.schedule) == (0.1, 0.9, 1e-4, "step")
+    assert (tuple(opt.boundaries), opt.decay_factor) == ((32_000, 48_000), 0.1)
+    assert opt.warmup_steps == (400 if p.fields["depth"] == 110 else 0)
+
+
+def test_batch_size_sweep_scales_the_learning_rate_linearly():
+  points = sweep.expand(load_sweep_file("batch_size_fashion_mnist.py"))
+  peaks = {p.config.batch_size: optim.peak_learning_rate(p.config.optimizer, p.config.batch_size)
+           for p in points}
+  assert peaks == pytest.approx({32: 0.025, 64: 0.05, 128: 0.1, 256: 0.2})
+  assert {p.config.batch_size * p.config.num_steps for p in points} == {51_200}
+
+
+def test_unknown_field_raises_before_any_run(tmp_path):
+  fake = FakeRun()
+  bad = make_sweep([{"depth": 20}, {"depth": 20, "optimizer.lrr": 0.1}])
+  with pytest.raises(ValueError, match="unknown config field 'optimizer.lrr'"):
+    sweep.run_sweep(bad, str(tmp_path), run_fn=fake)
+  assert fake.calls == [] and os.listdir(tmp_path) == []
+
+
+def test_invalid_value_raises_before_any_run(tmp_path):
+  fake = FakeRun()
+  with pytest.raises(ValueError, match=r"(?s)point 1 \{.depth.: 21\}.*must be 6n\+2"):
+    sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 21])), str(tmp_path), run_fn=fake)
+  assert fake.calls == []
+
+
+def test_value_of_the_wrong_type_is_a_value_error():
+  with pytest.raises(ValueError, match="config field 'optimizer.lr'"):
+    sweep.expand(make_sweep([{"lr": "fast"}]))
+
+
+def test_unknown_sweep_field_is_rejected():
+  config = make_sweep(sweep.axis("depth", [20]))
+  config.pointz = []
+  with pytest.raises(ValueError, match=r"unknown: \['pointz'\]"):
+    sweep.expand(config)
+
+
+# --- Running ---
+
+def test_every_point_runs_in_a_workdir_named_after_its_fields(tmp_path):
+  fake = FakeRun()
+  config = make_sweep(sweep.product(sweep.axis("depth", [20, 56]), sweep.axis("skip", [False])))
+  sweep.run_sweep(config, str(tmp_path), run_fn=fake)
+  assert called_names(fake) == ["depth=20,skip=false", "depth=56,skip=false"]
+  assert [c.model.name for _, c in fake.calls] == ["resnet20", "resnet56"]
+  assert sorted(os.listdir(tmp_path)) == [
+      "depth=20,skip=false", "depth=56,skip=false", "results.csv", "sweep.json"]
+
+
+def test_rerun_skips_finished_points(tmp_path):
+  config = make_sweep(sweep.axis("depth", [20, 56]))
+  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  again = FakeRun()
+  rows = sweep.run_sweep(config, str(tmp_path), run_fn=again)
+  assert again.calls == []
+  assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+def test_rerun_resumes_a_point_that_completed_fewer_steps(tmp_path):
+  short = make_sweep(sweep.axis("depth", [20]), fixed={"num_steps": 50})
+  sweep.run_sweep(short, str(tmp_path), run_fn=FakeRun())
+  longer = FakeRun()
+  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20]), fixed={"num_steps": 90}),
+                         str(tmp_path), run_fn=longer)
+  assert called_names(longer) == ["depth=20"]
+  assert rows[0]["step"] == 90
+
+
+def test_rerun_retries_an_interrupted_point(tmp_path):
+  config = make_sweep(sweep.axis("depth", [20, 56]))
+  os.makedirs(tmp_path / "depth=56")  # Started, killed before it wrote its summary.
+  assert [r["status"] for r in sweep.results_table(sweep.expand(config), str(tmp_path))] == [
+      "pending", "started"]
+  fake = FakeRun()
+  sweep.run_sweep(config, str(tmp_path), run_fn=fake)
+  assert called_names(fake) == ["depth=20", "depth=56"]
+
+
+def test_diverged_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+  fake = FakeRun()
+  rows = sweep.run_sweep(make_sweep(sweep.axis("lr", [1e6, 0.1])), str(tmp_path), run_fn=fake)
+  assert called_names(fake) == ["lr=1000000.0", "lr=0.1"]
+  assert [(r["status"], r["step"]) for r in rows] == [("diverged", 3), ("completed", 400)]
+  assert "NaN" in rows[0]["message"]
+
+
+def test_diverged_point_is_not_run_again(tmp_path):
+  config = make_sweep(sweep.axis("lr", [1e6]))
+  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  again = FakeRun()
+  sweep.run_sweep(config, str(tmp_path), run_fn=again)
+  assert again.calls == []
+
+
+def test_exception_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+  fake = FakeRun()
+  rows = sweep.run_sweep(make_sweep(sweep.axis("seed", [13, 0])), str(tmp_path), run_fn=fake)
+  assert called_names(fake) == ["seed=13", "seed=0"]
+  assert [r["status"] for r in rows] == ["failed", "completed"]
+  assert rows[0]["message"] == "RuntimeError: out of memory"
+  with open(tmp_path / "seed=13" / "summary.json") as f:
+    assert json.load(f)["status"] == "failed"
+
+
+def test_failed_point_is_retried_on_rerun(tmp_path):
+  config = make_sweep(sweep.axis("seed", [13]))
+  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  again = FakeRun()
+  sweep.run_sweep(config, str(tmp_path), run_fn=again)
+  assert called_names(again) == ["seed=13"]
+
+
+def test_point_index_runs_only_that_point(tmp_path):
+  fake = FakeRun()
+  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32, 44])), str(tmp_path),
+                         run_fn=fake, point_index=1)
+  assert called_names(fake) == ["depth=32"]
+  assert [r["status"] for r in rows] == ["pending", "completed", "pending"]
+
+
+def test_point_index_out_of_range_is_rejected(tmp_path):
+  with pytest.raises(ValueError, match=r"point_index must be in \[0, 1\]; got 2"):
+    sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), run_fn=FakeRun(),
+                    point_index=2)
+
+
+# --- Results ---
+
+def test_results_csv_has_one_row_per_point_with_fields_and_results(tmp_path):
+  config = make_sweep(sweep.chain(
+      sweep.product(sweep.axis("depth", [20]), sweep.axis("skip", [False, True])),
+      [{"depth": 56, "skip": True, "lr": 1e6}]))
+  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["name", "depth", "skip", "lr", *sweep.SUMMARY_COLUMNS]
+  assert [(r["name"], r["skip"], r["lr"], r["status"]) for r in rows] == [
+      ("depth=20,skip=false", "false", "", "completed"),
+      ("depth=20,skip=true", "true", "", "completed"),
+      ("depth=56,skip=true,lr=1000000.0", "true", "1000000.0", "diverged")]
+  assert [(float(r["train_error"]), float(r["test_error"]), float(r["best_test_error"]),
+           int(r["step"]), float(r["wall_time_s"]), int(r["num_params"])) for r in rows[:1]] == [
+      (0.02, 0.04, 20 / 600, 400, 12.5, 20_000)]
+
+
+def test_table_shows_errors_in_percent_and_the_messages_of_failures(tmp_path):
+  config = make_sweep(sweep.axis("seed", [0, 13]))
+  table = sweep.format_table(sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun()))
+  lines = table.splitlines()
+  assert lines[0].split() == ["name", "seed", "status", "train", "err", "%", "test", "err", "%",
+                              "best", "test", "%", "steps", "time", "params"]
+  assert lines[1].split() == ["seed=0", "0", "completed", "2.00", "4.00", "3.33", "400", "12s",
+                              "20,000"]
+  assert lines[2].split()[:3] == ["seed=13", "13", "failed"]
+  assert lines[3] == "seed=13: failed: RuntimeError: out of memory"
+
+
+# --- Parallel processes ---
+
+def fake_worker(monkeypatch, script: str) -> None:
+  """Makes the parallel sweep run `script` (argv: workdir, index) instead of training."""
+  monkeypatch.setattr(sweep, "worker_command", lambda workdir, index: [
+      sys.executable, "-c", script, workdir, str(index)])
+
+
+WRITE_DEVICE_SUMMARY = """
+import json, os, sys
+workdir, index = sys.argv[1], int(sys.argv[2])
+name = sorted(d for d in os.listdir(workdir) if "=" in d)[index]
+with open(os.path.join(workdir, name, "summary.json"), "w") as f:
+  json.dump({"status": "completed", "step": 2000,
+             "message": os.environ["CUDA_VISIBLE_DEVICES"]}, f)
+"""
+
+
+def test_parallel_workers_run_every_point_on_the_devices_in_turn(tmp_path, monkeypatch):
+  fake_worker(monkeypatch, WRITE_DEVICE_SUMMARY)
+  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), parallel=2,
+                         devices=["3", "5"])
+  assert [r["status"] for r in rows] == ["completed", "completed"]
+  assert sorted(r["message"] for r in rows) == ["3", "5"]
+
+
+def test_parallel_worker_that_crashes_is_recorded_as_failed(tmp_path, monkeypatch):
+  fake_worker(monkeypatch, "import sys; sys.exit(9)")
+  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), parallel=2)
+  assert [r["status"] for r in rows] == ["failed", "failed"]
+  assert rows[0]["message"].startswith("worker process exited with code 9; see ")
+
+
+# --- Command line ---
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "resnet_jax.sweep", *args], cwd=REPO,
+                        capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_list_prints_index_and_name_of_every_point_and_runs_nothing(tmp_path):
+  out = run_cli("--config=configs/sweeps/ablation_cifar10.py", f"--workdir={tmp_path}", "--list")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert len(lines) == 10
+  assert (lines[0], lines[9]) == ("0 depth=20,skip=false", "9 depth=110,skip=true")
+  assert os.listdir(tmp_path) == []
+
+
+def test_report_reprints_a_finished_sweep_from_its_workdir_alone(tmp_path):
+  sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 56])), str(tmp_path), run_fn=FakeRun())
+  os.remove(tmp_path / "results.csv")
+  out = run_cli(f"--workdir={tmp_path}", "--report")
+  assert out.returncode == 0, out.stderr
+  assert [line.split()[:3] for line in out.stdout.splitlines()[1:3]] == [
+      ["depth=20", "20", "completed"], ["depth=56", "56", "completed"]]
+  assert (tmp_path / "results.csv").exists()
+
+
+def test_bad_sweep_file_fails_with_its_message(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("import ml_collections\nfrom resnet_jax import sweep\n"
+                 "def get_config():\n"
+                 "  return ml_collections.ConfigDict({'base': 'configs/fashion_mnist.py',\n"
+                 "      'points': sweep.zipped(sweep.axis('lr', [0.1]),\n"
+                 "                             sweep.axis('seed', [0, 1]))})\n")
+  out = run_cli(f"--config={bad}", f"--workdir={tmp_path / 'runs'}")
+  assert out.returncode != 0
+  assert "zipped parts must have the same number of points" in out.stderr
+  assert not (tmp_path / "runs").exists()
+
+
+# --- End to end ---
+
+def test_real_tiny_sweep_records_results_diagnostics_and_divergence(prepared_data_dir, tmp_path):
+  tiny = {"dataset": {"data_dir": prepared_data_dir, "eval_split": "test[:64]"},
+          "batch_size": 16, "eval_batch_size": 32, "num_steps": 4, "log_every": 2,
+          "checkpoint_every": 0, "diagnostics_every": 2, "progress_bar": False,
+          "optimizer": {"warmup_steps": 0}}
+  config = make_sweep([{"skip": False}, {"skip": True, "lr": 1e6}], fixed=tiny)
+  rows = sweep.run_sweep(config, str(tmp_path))
+
+  assert [(r["name"], r["status"], r["step"], r["num_params"]) for r in rows] == [
+      ("skip=false", "completed", 4, 269_434), ("skip=true,lr=1000000.0", "diverged", 4, 269_434)]
+  assert 0.0 <= rows[0]["test_error"] <= 1.0
+  events = reporting.read_metrics(str(tmp_path / "skip=false"))
+  records = [e for e in events if e["event"] == "diagnostics"]
+  assert [r["step"] for r in records] == [0, 2]
+  blocks = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)]
+  assert list(diagnostics.block_order(records[0]["grad_norm"])) == ["stem", *blocks, "head"]
+  assert sorted(records[0]["activation_rms"]) == sorted(blocks)
+  assert all(v > 0 for v in records[0]["grad_norm"].values())

@@ -1,0 +1,154 @@
+"""The training system end to end on tiny runs of the real Fashion-MNIST data."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from resnet_jax import checkpoints, config as config_lib, optim, reporting, train
+
+
+def tiny_config(data_dir: str, **overrides):
+  """A ResNet-20 for a handful of steps at batch 16 on 8 CPU devices, evaluated on 64 images."""
+  config = config_lib.default_config()
+  config.dataset.data_dir = data_dir
+  config.dataset.eval_split = "test[:64]"
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_steps = 4
+  config.log_every = 2
+  config.eval_every = 0
+  config.checkpoint_every = 2
+  config.optimizer.schedule = "constant"
+  config.progress_bar = False
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def final_params(workdir: str):
+  step, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"))
+  return step, state["params"]
+
+
+def test_run_writes_config_metrics_summary_and_checkpoints(prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+
+  assert summary["status"] == "completed"
+  assert summary["step"] == 4
+  assert 0.0 <= summary["test_error"] <= 1.0
+  assert summary["best_test_error"] == summary["test_error"]
+  assert summary["num_params"] == 269_434  # ResNet-20, option A, 1 input channel, 10 classes.
+  assert json.load(open(os.path.join(workdir, "summary.json"))) == summary
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["name"] == "resnet20"
+  events = reporting.read_metrics(workdir)
+  assert [(e["event"], e["step"]) for e in events] == [("train", 2), ("train", 4), ("eval", 4)]
+  assert events[0]["lr"] == pytest.approx(0.1)
+  assert np.isfinite(events[1]["loss"]) and events[1]["img_per_s"] > 0
+  assert "compile_s" in events[0]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(prepared_data_dir, tmp_path):
+  straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=6), straight)
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=4), interrupted)
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=6), interrupted)
+
+  assert summary["status"] == "completed" and summary["step"] == 6
+  (step_a, params_a), (step_b, params_b) = final_params(straight), final_params(interrupted)
+  assert step_a == step_b == 6
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  # The resumed run appended its own events after step 4, once each.
+  steps = [e["step"] for e in reporting.read_metrics(interrupted) if e["event"] == "train"]
+  assert steps == [2, 4, 6]
+
+
+def test_diverging_run_stops_with_status_diverged(prepared_data_dir, tmp_path):
+  config = tiny_config(prepared_data_dir, num_steps=20, log_every=2, checkpoint_every=0)
+  config.optimizer.lr = 1e30
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(config, workdir)
+
+  assert summary["status"] == "diverged"
+  assert summary["step"] < 20
+  assert "NaN/Inf" in summary["message"]
+  assert json.load(open(os.path.join(workdir, "summary.json")))["status"] == "diverged"
+
+
+def test_checkpoint_of_another_config_is_refused_and_nothing_is_overwritten(
+    prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=2), workdir)
+  before = {name: open(os.path.join(workdir, name)).read()
+            for name in ("summary.json", "config.json", "metrics.jsonl")}
+
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"model\.skip: checkpoint True"):
+    train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=4, **{"model.skip": False}),
+                             workdir)
+  after = {name: open(os.path.join(workdir, name)).read() for name in before}
+  assert after == before
+
+
+def test_corrupt_checkpoint_is_refused_with_a_clear_error(prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=2), workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "2", "state")
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="corrupt"):
+    train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=4), workdir)
+
+
+def test_bad_config_is_rejected_before_the_workdir_is_created(prepared_data_dir, tmp_path):
+  config = tiny_config(prepared_data_dir, batch_size=12)  # Not divisible by 8 devices.
+  config.model.name = "resnet21"
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  assert "6n+2: 20, 32, 44, 56, 110, 1202" in str(error.value)
+  assert "config.batch_size (12) must be divisible by the number of devices (8)" in str(error.value)
+  assert not workdir.exists()
+
+
+def _run_steps(devices, config, batches):
+  """Trains from the same initial state on `devices`; returns the final params on the host."""
+  mesh = Mesh(np.array(devices), ("data",))
+  replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+  model = train.create_model(config, num_classes=10)
+  tx = optim.create_optimizer(config.optimizer, batch_size=config.batch_size, num_steps=10,
+                              steps_per_epoch=10)
+  state = jax.device_put(train.create_train_state(model, tx, seed=0, image_shape=(28, 28, 1)),
+                         replicated)
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, mean=(0.5,), std=(0.25,),
+                                               dtype=jnp.float32),
+                 out_shardings=(replicated, replicated))
+  for batch in batches:
+    state, _ = step(state, jax.device_put(batch, sharded))
+  return jax.device_get(state.params), jax.device_get(state.batch_stats)
+
+
+def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
+  config = config_lib.default_config()
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8),
+              "label": rng.integers(0, 10, (16,), dtype=np.int32)} for _ in range(2)]
+  one = _run_steps(jax.devices()[:1], config, batches)
+  eight = _run_steps(jax.devices()[:8], config, batches)
+  # Global-batch BN and the all-reduced gradient make the two runs the same up to summation order.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, eight)
