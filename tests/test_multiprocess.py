@@ -9,8 +9,9 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
-from resnet_jax import checkpoints
+from resnet_jax import checkpoints, reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +28,11 @@ def _start(workdir: str, data_dir: str, devices: int, *extra: str) -> subprocess
   args = [sys.executable, "-m", "resnet_jax.main", "--config=configs/fashion_mnist.py",
           f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
           "--config.dataset.eval_split=test[:64]", "--config.batch_size=16",
-          "--config.eval_batch_size=32", "--config.num_steps=3", "--config.log_every=1",
-          "--config.checkpoint_every=0", "--config.optimizer.warmup_steps=0",
+          "--config.eval_batch_size=32", "--config.num_steps=2", "--config.log_every=1",
+          "--config.checkpoint_every=1", "--config.optimizer.warmup_steps=0",
+          # A gentle rate: at 0.1 without warmup a batch-16 net is chaotic, and three steps
+          # amplify float summation-order noise past any meaningful tolerance.
+          "--config.optimizer.lr=0.01",
           "--config.progress_bar=false", *extra]
   return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -40,10 +44,12 @@ def _finish(process: subprocess.Popen) -> str:
   return output
 
 
-def _params(workdir: str):
-  step, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"))
-  assert step == 3
-  return state["params"]
+def _params(workdir: str, step: int):
+  return checkpoints.read_state(os.path.join(workdir, "checkpoints"), step)[1]["params"]
+
+
+def _max_abs_difference(a, b) -> float:
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_two_processes_train_like_one_process_with_the_same_devices(prepared_data_dir, tmp_path):
@@ -55,10 +61,17 @@ def test_two_processes_train_like_one_process_with_the_same_devices(prepared_dat
   _finish(_start(single, prepared_data_dir, 4))
 
   assert "test accuracy" in outputs[0]
-  # Process 0 alone writes the logs: three train events, then the final eval.
-  with open(os.path.join(multi, "metrics.jsonl")) as f:
-    assert [line.count('"event": "train"') for line in f] == [1, 1, 1, 0]
-  # Same batches, same global-batch BN, same all-reduced gradients: equal up to float summation
-  # order (gloo's all-reduce vs. in-process), which three SGD steps amplify to ~1e-5.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
-               _params(single), _params(multi))
+  # Process 0 alone writes the logs: two train events, then the final eval.
+  multi_events = reporting.read_metrics(multi)
+  assert [e["event"] for e in multi_events] == ["train", "train", "eval"]
+  single_events = reporting.read_metrics(single)
+  for a, b in zip(single_events, multi_events):
+    assert a["loss" if a["event"] == "train" else "test_loss"] == pytest.approx(
+        b["loss" if b["event"] == "train" else "test_loss"], rel=1e-3)
+  # Same batches, same global-batch BN, same all-reduced gradients: equal up to the order in
+  # which gloo and in-process XLA sum. That order shows more than usual here: at initialisation
+  # some gradients of this net are sums that cancel to near zero, and merely permuting the batch
+  # on one device moves them by 0.4%. So the yardstick is one SGD update: the two runs must
+  # differ by far less than the last step moved the parameters.
+  update = _max_abs_difference(_params(single, 1), _params(single, 2))
+  assert _max_abs_difference(_params(single, 2), _params(multi, 2)) < 0.05 * update
