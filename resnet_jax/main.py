@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import parallel
@@ -40,4 +40,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  # Orbax and TFDS log every step of their work at INFO; --verbosity=0 brings that back.
+  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)

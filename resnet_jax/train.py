@@ -25,7 +25,6 @@ import optax
 from resnet_jax import checkpoints, data, diagnostics, models, optim, parallel, reporting
 from resnet_jax import config as config_lib
 
-STREAMING_DATASETS = ("imagenet2012",)
 AUGMENT_STREAM = 2**31 - 1  # fold_in tag of the augmentation keys; epochs never reach it.
 
 
@@ -300,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_fn = functools.partial(eval_step, model=model, **norm)
 
   # --- Input pipeline: small datasets onto the devices, large ones streamed. ---
-  input_cls = _StreamInput if config.dataset.name in STREAMING_DATASETS else _InMemoryInput
+  input_cls = _StreamInput if config.dataset.name in data.STREAMED else _InMemoryInput
   inputs = input_cls(config, info, mesh, train_fn, eval_fn)
 
   # --- State: fresh, or the latest checkpoint if the config matches it. ---

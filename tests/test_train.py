@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, config as config_lib, optim, reporting, train
+
+from resnet_jax import checkpoints, config as config_lib, data, optim, reporting, train
 
 
 def tiny_config(data_dir: str, **overrides):
@@ -152,3 +154,34 @@ def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
   eight = _run_steps(jax.devices()[:8], config, batches)
   # Global-batch BN and the all-reduced gradient make the two runs the same up to summation order.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), one, eight)
+
+
+def test_streamed_imagenet_run_resumes_its_grain_iterator_exactly(tmp_path, monkeypatch):
+  # TFDS's mock serves imagenet2012 records (random JPEG-sized images, 1000 classes) through
+  # tfds.data_source; its metadata is not mocked, so the two metadata reads are stubbed here.
+  info = data.DatasetInfo("imagenet2012", num_classes=1000, image_shape=(32, 32, 3),
+                          num_train=24, num_eval=24, mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225))
+  monkeypatch.setattr(data, "check_prepared", lambda cfg: None)
+  monkeypatch.setattr(data, "dataset_info", lambda cfg: info)
+
+  def config(num_steps):
+    c = tiny_config("", num_steps=num_steps, **{"dataset.name": "imagenet2012",
+                                                "dataset.eval_split": "validation",
+                                                "dataset.image_size": 32,
+                                                "dataset.worker_count": 0,
+                                                "model.name": "resnet18"})
+    c.eval_batch_size = 16
+    return c
+
+  straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+  with tfds.testing.mock_data(num_examples=24):
+    summary = train.train_and_evaluate(config(4), straight)
+    train.train_and_evaluate(config(2), interrupted)
+    resumed = train.train_and_evaluate(config(4), interrupted)
+
+  assert summary["status"] == resumed["status"] == "completed"
+  assert summary["num_params"] == 11_689_512  # ResNet-18 at 1000 classes, as torchvision.
+  assert os.path.isdir(os.path.join(interrupted, "checkpoints", "2", "data"))
+  (_, params_a), (_, params_b) = final_params(straight), final_params(interrupted)
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
