@@ -120,6 +120,12 @@ def root_mean_square(y):
   return jnp.sqrt(jnp.mean(jnp.square(y.astype(jnp.float32))))
 
 
+def sow_activation_rms(block: nn.Module, y) -> None:
+  """Records the RMS of a block's output, computing it only when diagnostics collect it."""
+  if block.is_mutable_collection("intermediates"):
+    block.sow("intermediates", "activation_rms", root_mean_square(y))
+
+
 def branch_norm_init(index: int, branch: Sequence[ConvSpec], zero_init_residual: bool):
   """The scale init of BN `index` (1-based) of `branch`: zeros for the last one under
   zero_init_residual, so every block starts as its shortcut (Goyal et al. 2017); else ones."""
@@ -156,7 +162,7 @@ class PostActBlock(nn.Module):
                                conv=self.conv, norm=self.norm)
       y = y + x
     y = nn.relu(y)
-    self.sow("intermediates", "activation_rms", root_mean_square(y))
+    sow_activation_rms(self, y)
     return y
 
 
@@ -188,7 +194,7 @@ class PreActBlock(nn.Module):
         x = projected_shortcut(preactivated, features=features, stride=stride,
                                kind=self.shortcut, conv=self.conv, norm=self.norm)
       y = y + x
-    self.sow("intermediates", "activation_rms", root_mean_square(y))
+    sow_activation_rms(self, y)
     return y
 
 

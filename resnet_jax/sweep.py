@@ -27,6 +27,8 @@ Commands (`--config` may be left out once the workdir holds the sweep, in sweep.
   ... --point_index=i    Runs point i only: one task of a cluster job array.
   ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table.
   ... --plot             As --report, and writes the figures (resnet_jax/plots.py).
+From Python, `run_sweep(sweep_config, workdir)` does what the first command does and returns the
+results table, one dict per point.
 
 A SLURM job array, one point per task, no code changes:
   SWEEP="--config=configs/sweeps/ablation_cifar10.py --workdir=runs/ablation_cifar10"
@@ -50,7 +52,7 @@ import os
 import queue
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -188,7 +190,7 @@ def expand(sweep_config: ml_collections.ConfigDict) -> list[Point]:
 
 
 def point_config(get_config: Callable[..., ml_collections.ConfigDict], base_arg: str,
-                 fixed, fields: dict[str, Any]) -> ml_collections.ConfigDict:
+                 fixed: Mapping[str, Any], fields: dict[str, Any]) -> ml_collections.ConfigDict:
   """The run config of one point: base file (with its model arguments), then fixed, then fields."""
   model_args = config_lib.parse_arg(base_arg)
   model_args.update({k: format_value(v) for k, v in fields.items() if k in MODEL_ARGS})
@@ -286,7 +288,7 @@ def is_finished(summary: dict | None, config: ml_collections.ConfigDict) -> bool
   if summary is None:
     return False
   return (summary["status"] == "diverged"
-          or summary["status"] == "completed" and summary["step"] >= config.num_steps)
+          or summary["status"] == "completed" and summary.get("step", 0) >= config.num_steps)
 
 
 def run_point(point: Point, workdir: str, run_fn: RunFn) -> dict:

@@ -142,9 +142,11 @@ def _zero_totals(mesh) -> dict:
   return parallel.put_replicated(zeros, mesh)
 
 
-def _split_metrics(metrics: dict) -> tuple[dict, dict]:
+def _train_and_accumulate(state, totals, batch, *, train_fn, with_diagnostics: bool):
+  """One train step whose metrics go into the running totals; diagnostics come out apart."""
+  state, metrics = train_fn(state, batch, with_diagnostics=with_diagnostics)
   diag = {k: metrics.pop(k) for k in ("grad_norm", "activation_rms") if k in metrics}
-  return metrics, diag
+  return state, _accumulate(totals, metrics), diag
 
 
 def _compile_train_steps(fused, sharding):
@@ -175,9 +177,8 @@ class _InMemoryInput:
                                crop_padding=cfg.crop_padding, flip=cfg.flip, sharding=sharded)
 
     def fused(state, totals, arrays, with_diagnostics):
-      state, metrics = train_fn(state, gather(arrays, state), with_diagnostics=with_diagnostics)
-      metrics, diag = _split_metrics(metrics)
-      return state, _accumulate(totals, metrics), diag
+      return _train_and_accumulate(state, totals, gather(arrays, state), train_fn=train_fn,
+                                   with_diagnostics=with_diagnostics)
 
     def fused_eval(state, totals, arrays, idx, mask):
       idx = jax.lax.with_sharding_constraint(idx, sharded)
@@ -229,11 +230,7 @@ class _StreamInput:
                                       jnp.uint8, sharding=sharded),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharded)}
 
-    def fused(state, totals, batch, with_diagnostics):
-      state, metrics = train_fn(state, batch, with_diagnostics=with_diagnostics)
-      metrics, diag = _split_metrics(metrics)
-      return state, _accumulate(totals, metrics), diag
-
+    fused = functools.partial(_train_and_accumulate, train_fn=train_fn)
     self._train = _compile_train_steps(fused, parallel.replicated(mesh))
     self._eval = jax.jit(lambda state, totals, batch: jax.tree.map(jnp.add, totals,
                                                                    eval_fn(state, batch)),

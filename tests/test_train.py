@@ -12,7 +12,6 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-
 from resnet_jax import checkpoints, config as config_lib, data, optim, reporting, train
 
 
@@ -185,3 +184,22 @@ def test_streamed_imagenet_run_resumes_its_grain_iterator_exactly(tmp_path, monk
   assert os.path.isdir(os.path.join(interrupted, "checkpoints", "2", "data"))
   (_, params_a), (_, params_b) = final_params(straight), final_params(interrupted)
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_step_without_diagnostics_computes_none_of_their_norms():
+  config = config_lib.default_config()
+  model = train.create_model(config, num_classes=10)
+  tx = optim.create_optimizer(config.optimizer, batch_size=8, num_steps=10, steps_per_epoch=10)
+  state = train.create_train_state(model, tx, seed=0, image_shape=(28, 28, 1))
+  batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros((8,), np.int32)}
+
+  def sqrt_count(with_diagnostics):
+    step = lambda s, b: train.train_step(s, b, model=model, tx=tx, mean=(0.5,), std=(0.25,),
+                                         dtype=jnp.float32, with_diagnostics=with_diagnostics)
+    jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    return jaxpr.count(" sqrt ")
+
+  # BN uses rsqrt and SGD no square roots: every sqrt is a diagnostics norm (9 blocks' activation
+  # RMS, 11 gradient norms), and the plain step has none.
+  assert sqrt_count(False) == 0
+  assert sqrt_count(True) == 9 + 11

@@ -16,8 +16,8 @@ from resnet_jax import sweep
 def get_config():
   return ml_collections.ConfigDict({
       "base": "configs/fashion_mnist.py",
-      "fixed": {"batch_size": 32, "num_steps": 500, "log_every": 50, "eval_every": 0,
-                "checkpoint_every": 100, "diagnostics_every": 100,
-                "optimizer": {"lr": 0.05, "warmup_steps": 25}},
+      "fixed": {"batch_size": 32, "num_steps": 1200, "log_every": 100, "eval_every": 0,
+                "checkpoint_every": 400, "diagnostics_every": 200,
+                "optimizer": {"lr": 0.05, "warmup_steps": 50}},
       "points": sweep.product(sweep.axis("depth", [20, 56]), sweep.axis("skip", [False, True])),
   })
