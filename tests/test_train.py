@@ -203,3 +203,19 @@ def test_step_without_diagnostics_computes_none_of_their_norms():
   # RMS, 11 gradient norms), and the plain step has none.
   assert sqrt_count(False) == 0
   assert sqrt_count(True) == 9 + 11
+
+
+def test_bfloat16_run_trains_and_writes_the_requested_profile(prepared_data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config(prepared_data_dir, num_steps=4, profile_steps=2,
+                       **{"model.dtype": "bfloat16"})
+  summary = train.train_and_evaluate(config, str(workdir))
+
+  assert summary["status"] == "completed"
+  losses = [e["loss"] for e in reporting.read_metrics(str(workdir)) if e["event"] == "train"]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  traces = list((workdir / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  # Parameters stay float32 whatever the computation dtype.
+  _, params = final_params(str(workdir))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {np.dtype(np.float32)}
