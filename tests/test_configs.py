@@ -1,0 +1,98 @@
+"""The config files, their arguments, validation and the command line's handling of bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from resnet_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location("config_file", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("path", ["configs/fashion_mnist.py", "configs/cifar10.py",
+                                  "configs/cifar100.py", "configs/imagenet.py"])
+def test_every_config_file_validates_and_says_its_command(path):
+  config = load_config(path)
+  config_lib.validate(config, num_devices=8)
+  with open(os.path.join(REPO, path)) as f:
+    assert "python -m resnet_jax.main --config=" + path in f.read()
+
+
+def test_cifar10_config_is_the_papers_recipe():
+  config = load_config("configs/cifar10.py", "depth=56,skip=false")
+  assert (config.model.name, config.model.skip, config.model.shortcut) == ("resnet56", False, "A")
+  assert (config.batch_size, config.num_steps) == (128, 64_000)
+  opt = config.optimizer
+  assert (opt.lr, opt.momentum, opt.weight_decay, opt.schedule) == (0.1, 0.9, 1e-4, "step")
+  assert tuple(opt.boundaries) == (32_000, 48_000) and opt.warmup_steps == 0
+  assert (config.dataset.crop_padding, config.dataset.flip) == (4, True)
+
+
+def test_cifar10_resnet110_warms_up_at_a_tenth_of_the_rate_for_400_steps():
+  opt = load_config("configs/cifar10.py", "depth=110").optimizer
+  assert (opt.warmup, opt.warmup_steps, opt.warmup_factor) == ("constant", 400, 0.1)
+
+
+def test_imagenet_config_scales_batch_and_epochs_with_the_devices():
+  config = load_config("configs/imagenet.py", "devices=4,schedule=step,depth=101")
+  assert config.batch_size == 1024 and config.optimizer.base_batch_size == 256
+  assert config.model.name == "resnet101"
+  assert config.num_steps == 90 * 1_281_167 // 1024
+  assert tuple(config.optimizer.boundaries) == (30, 60, 80)
+  assert config.optimizer.boundaries_unit == "epochs"
+
+
+def test_unknown_config_argument_lists_the_allowed_ones():
+  with pytest.raises(ValueError, match="unknown config argument 'deep'; allowed: depth, skip"):
+    load_config("configs/cifar10.py", "deep=56")
+
+
+def test_validation_reports_every_problem_at_once():
+  config = config_lib.default_config()
+  config.model.name = "resnet50x"
+  config.optimizer.schedule = "linear"
+  config.optimizer.momentum = 1.5
+  with pytest.raises(ValueError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  assert "config.model.name must be one of resnet20, resnet32" in message
+  assert "config.optimizer.schedule must be one of constant, step, cosine; got 'linear'" in message
+  assert "config.optimizer.momentum must be in [0, 1); got 1.5" in message
+
+
+def test_boundaries_past_the_end_of_the_run_are_rejected():
+  config = load_config("configs/cifar10.py")
+  config.num_steps = 40_000
+  with pytest.raises(ValueError, match=r"boundaries \[32000, 48000\] \(steps\) must lie inside"):
+    config_lib.validate(config)
+
+
+def _main(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", "resnet_jax.main", "--config=configs/fashion_mnist.py",
+       f"--workdir={tmp_path / 'run'}", *flags],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.learning_rate=0.1", "learning_rate"),
+    ("--config.batch_size=big", "big"),
+    ("--config.model.name=resnet21", "CIFAR ResNet depth must be 6n+2"),
+])
+def test_command_line_rejects_bad_config_before_any_work(tmp_path, flag, message):
+  result = _main(tmp_path, flag)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not (tmp_path / "run").exists()
