@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "lars")
 DTYPES = ("float32", "bfloat16")
 SHORTCUTS = ("A", "B")
 VARIANTS = ("v1", "v1.5", "v2")
+# The arguments every config file's get_config accepts: `configs/cifar10.py:depth=56,skip=false`.
+MODEL_ARGS = ("depth", "skip", "shortcut", "variant", "dtype", "width")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -108,7 +110,6 @@ def apply_model_args(config: ml_collections.ConfigDict,
 
   `depth=56` names `resnet56`; validate() later checks it against the CIFAR and ImageNet depths.
   """
-  allowed = ("depth", "skip", "shortcut", "variant", "dtype", "width")
   for key, value in parse_arg(arg).items():
     if key == "depth":
       config.model.name = f"resnet{int(value)}"
@@ -119,7 +120,7 @@ def apply_model_args(config: ml_collections.ConfigDict,
     elif key in ("shortcut", "variant", "dtype"):
       setattr(config.model, key, value)
     else:
-      raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(allowed)}")
+      raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(MODEL_ARGS)}")
   return config
 
 

@@ -166,11 +166,12 @@ def plot_gradient_flow(runs: Sequence[Run], path: str) -> None:
 
 
 def run_label(fields: dict[str, Any]) -> str:
-  """"plain-20", "ResNet-56", or the fields as text: "lr=0.1,seed=1"."""
-  rest = {k: v for k, v in fields.items() if k not in ("depth", "skip")}
-  kind = {False: "plain", True: "ResNet"}.get(fields.get("skip"), "resnet")
-  parts = [f"{kind}-{fields['depth']}"] if "depth" in fields else (
-      [kind] if "skip" in fields else [])
+  """"plain-20", "ResNet-56" (then any other fields), else the fields as text: "lr=0.1,seed=1"."""
+  rest = dict(fields)
+  parts = []
+  if "depth" in fields and "skip" in fields:
+    parts.append(f"{'ResNet' if fields['skip'] else 'plain'}-{fields['depth']}")
+    del rest["depth"], rest["skip"]
   parts += [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in rest.items()]
   return ",".join(parts)
 

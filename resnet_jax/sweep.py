@@ -22,7 +22,9 @@ Commands (`--config` may be left out once the workdir holds the sweep, in sweep.
       results.csv and printing the same table.
       --parallel=N runs N points at once, each in its own process (its output in the point's
       sweep_worker.log); --devices=0,1,2,3 gives the k-th concurrent process GPU k % 4 through
-      CUDA_VISIBLE_DEVICES. On CPUs, N processes share the cores: worth it only with many.
+      CUDA_VISIBLE_DEVICES. On a 2-core CPU --parallel=2 ran about twice as fast as one point
+      at a time (one process leaves the second core mostly idle). Processes on one GPU each
+      take 75% of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says less.
   ... --list             Prints "index name", one line per point; runs nothing.
   ... --point_index=i    Runs point i only: one task of a cluster job array.
   ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table.
@@ -66,8 +68,6 @@ SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.csv"
 WORKER_LOG = "sweep_worker.log"
 SWEEP_FIELDS = ("base", "fixed", "points")
-# The arguments every config file's get_config accepts (config.apply_model_args).
-MODEL_ARGS = ("depth", "skip", "shortcut", "variant", "dtype", "width")
 ALIASES = {"lr": "optimizer.lr", "wd": "optimizer.weight_decay", "momentum": "optimizer.momentum"}
 # A point's results: the summary.json fields of its run (errors are fractions).
 SUMMARY_COLUMNS = ("status", "train_error", "test_error", "best_test_error", "step",
@@ -193,13 +193,14 @@ def point_config(get_config: Callable[..., ml_collections.ConfigDict], base_arg:
                  fixed: Mapping[str, Any], fields: dict[str, Any]) -> ml_collections.ConfigDict:
   """The run config of one point: base file (with its model arguments), then fixed, then fields."""
   model_args = config_lib.parse_arg(base_arg)
-  model_args.update({k: format_value(v) for k, v in fields.items() if k in MODEL_ARGS})
+  model_args.update({k: format_value(v) for k, v in fields.items()
+                     if k in config_lib.MODEL_ARGS})
   arg = ",".join(f"{k}={v}" for k, v in model_args.items())
   config = get_config(arg) if arg else get_config()
   for path, value in _leaves(fixed):
     _set_field(config, path, value)
   for key, value in fields.items():
-    if key not in MODEL_ARGS:
+    if key not in config_lib.MODEL_ARGS:
       _set_field(config, ALIASES.get(key, key), value)
   return config
 
@@ -221,7 +222,8 @@ def _set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None
   if (not isinstance(node, ml_collections.ConfigDict) or leaf not in node
       or isinstance(node[leaf], ml_collections.ConfigDict)):
     raise ValueError(
-        f"unknown config field {path!r}: a field is a model argument ({', '.join(MODEL_ARGS)}), "
+        f"unknown config field {path!r}: a field is a model argument "
+        f"({', '.join(config_lib.MODEL_ARGS)}), "
         f"an alias ({', '.join(ALIASES)}) or a dotted path to a field of resnet_jax/config.py "
         "such as optimizer.momentum")
   try:

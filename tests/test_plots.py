@@ -134,3 +134,10 @@ def test_experiment_scripts_plot_a_finished_sweep(tmp_path, script, outputs):
   assert out.returncode == 0, out.stderr
   assert sorted(os.listdir(tmp_path / "figs")) == sorted(outputs)
   assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in outputs)
+
+
+def test_run_label_names_plain_and_residual_nets_by_depth():
+  assert plots.run_label({"depth": 56, "skip": False}) == "plain-56"
+  assert plots.run_label({"depth": 110, "skip": True, "seed": 1}) == "ResNet-110,seed=1"
+  assert plots.run_label({"lr": 0.1, "optimizer.nesterov": True}) == (
+      "lr=0.1,optimizer.nesterov=true")

@@ -359,12 +359,13 @@ def test_real_tiny_sweep_records_results_diagnostics_and_divergence(prepared_dat
           "batch_size": 16, "eval_batch_size": 32, "num_steps": 4, "log_every": 2,
           "checkpoint_every": 0, "diagnostics_every": 2, "progress_bar": False,
           "optimizer": {"warmup_steps": 0}}
-  config = make_sweep([{"skip": False}, {"skip": True, "lr": 1e6}], fixed=tiny)
+  config = make_sweep([{"skip": False}, {"skip": True, "lr": 1e30}], fixed=tiny)
   rows = sweep.run_sweep(config, str(tmp_path))
 
-  assert [(r["name"], r["status"], r["step"], r["num_params"]) for r in rows] == [
-      ("skip=false", "completed", 4, 269_434), ("skip=true,lr=1000000.0", "diverged", 4, 269_434)]
-  assert 0.0 <= rows[0]["test_error"] <= 1.0
+  assert [(r["name"], r["status"], r["num_params"]) for r in rows] == [
+      ("skip=false", "completed", 269_434), ("skip=true,lr=1e+30", "diverged", 269_434)]
+  assert rows[0]["step"] == 4 and 0.0 <= rows[0]["test_error"] <= 1.0
+  assert "NaN/Inf" in rows[1]["message"]
   events = reporting.read_metrics(str(tmp_path / "skip=false"))
   records = [e for e in events if e["event"] == "diagnostics"]
   assert [r["step"] for r in records] == [0, 2]

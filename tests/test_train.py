@@ -130,7 +130,8 @@ def test_bad_config_is_rejected_before_the_workdir_is_created(prepared_data_dir,
 def _run_steps(devices, config, batches):
   """Trains from the same initial state on `devices`; returns the final params on the host."""
   mesh = Mesh(np.array(devices), ("data",))
-  replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
   model = train.create_model(config, num_classes=10)
   tx = optim.create_optimizer(config.optimizer, batch_size=config.batch_size, num_steps=10,
                               steps_per_epoch=10)
