@@ -18,14 +18,16 @@ compilation when `--torch_compile` is on. Peak memory is the device's peak bytes
 and the process's peak resident set size (RSS) on CPU, which includes the framework's own
 runtime (about 350-450 MiB at batch 8 here); the table says which.
 
-Measured on this machine (2 CPU cores shared with other agents' jobs: load average 3.6 at the
-start and 5.5 at the end, single steps swung up to 2x; treat the figures as a rough ratio, not
-absolutes), resnet20, batch 128, 32x32x3, float32, 2 warm-up steps, 10 steps x 2
-repeats, jax 0.10.2 CPU vs torch 2.13.0+cpu eager, channels_last, 2 threads:
+Measured on this project's 2-core CPU machine, otherwise idle (load average 0.1), resnet20,
+batch 128, 32x32x3, float32, 2 warm-up steps, 10 steps x 3 repeats, jax 0.10.2 CPU vs torch
+2.13.0+cpu eager, channels_last, 2 threads:
 
   framework  img/s  ms/step  compile s  peak RSS MiB
-  jax         87.9     1456       4.11           833
-  torch       39.0     3282       2.55           802   (compile s: the first eager step)
+  jax        207.0    618.4       1.84           828
+  torch      761.1    168.2       0.26           711   (compile s: the first eager step)
+
+XLA's CPU convolutions are the gap; on a loaded machine the ratio swings widely (a run at load
+average 5 gave jax 88, torch 39 img/s), so compare only figures taken together.
 """
 
 from __future__ import annotations
