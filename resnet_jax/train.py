@@ -317,7 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     reporting.write_json_atomic(os.path.join(workdir, reporting.CONFIG_FILE), config.to_dict())
     reporting.truncate_metrics(workdir, first_step)
-  summary = {"status": "failed", "message": "", "step": first_step,
+  # What summary.json says if the loop ends early, e.g. on Ctrl-C: the next start resumes.
+  summary = {"status": "failed", "message": "interrupted before the end", "step": first_step,
              "train_loss": float("nan"), "train_error": float("nan"),
              "test_error": float("nan"), "best_test_error": float("nan"),
              "wall_time_s": 0.0, "num_params": count_params(state.params)}
