@@ -136,9 +136,11 @@ def _accumulate(total: dict, metrics: dict) -> dict:
   return out
 
 
-def _zero_totals(mesh) -> dict:
-  zeros = {"loss": np.float32(0), "errors": np.float32(0), "count": np.float32(0),
-           "nonfinite": np.int32(0)}  # Steps whose loss was NaN or Inf.
+def _zero_totals(mesh, *, count_nonfinite: bool = True) -> dict:
+  """Zeroed sums of summed_metrics on the mesh; train totals also count NaN/Inf-loss steps."""
+  zeros = {"loss": np.float32(0), "errors": np.float32(0), "count": np.float32(0)}
+  if count_nonfinite:
+    zeros["nonfinite"] = np.int32(0)
   return parallel.put_replicated(zeros, mesh)
 
 
@@ -156,11 +158,6 @@ def _compile_train_steps(fused, sharding):
           for flag in (False, True)}
 
 
-def _zero_eval_totals(mesh) -> dict:
-  zeros = {"loss": np.float32(0), "errors": np.float32(0), "count": np.float32(0)}
-  return parallel.put_replicated(zeros, mesh)
-
-
 class _InMemoryInput:
   """The small-dataset path: both splits on device, batches gathered inside the jitted step."""
 
@@ -171,7 +168,9 @@ class _InMemoryInput:
         dict(zip(("image", "label"), data.load_split(cfg, cfg.train_split))), mesh)
     self.eval_arrays = parallel.put_replicated(
         dict(zip(("image", "label"), data.load_split(cfg, cfg.eval_split))), mesh)
-    self._eval_batches = data.eval_batches(info.num_eval, config.eval_batch_size)
+    # The eval batches never change: their indices and masks go to the devices once.
+    self._eval_batches = parallel.put_replicated(
+        data.eval_batches(info.num_eval, config.eval_batch_size), mesh)
     sharded = parallel.batch_sharded(mesh)
     gather = functools.partial(gather_train_batch, batch_size=config.batch_size,
                                crop_padding=cfg.crop_padding, flip=cfg.flip, sharding=sharded)
@@ -198,9 +197,8 @@ class _InMemoryInput:
     return self._train[with_diagnostics](state, totals, self.train_arrays)
 
   def evaluate(self, state) -> dict:
-    totals = _zero_eval_totals(self._mesh)
+    totals = _zero_totals(self._mesh, count_nonfinite=False)
     for idx, mask in self._eval_batches:
-      idx, mask = parallel.put_replicated((idx, mask), self._mesh)
       totals = self._eval(state, totals, self.eval_arrays, idx, mask)
     return parallel.to_host(totals)
 
@@ -245,7 +243,7 @@ class _StreamInput:
     return self._train[with_diagnostics](state, totals, next(self._iter))
 
   def evaluate(self, state) -> dict:
-    totals = _zero_eval_totals(self._mesh)
+    totals = _zero_totals(self._mesh, count_nonfinite=False)
     for batch in self._eval_ds:
       totals = self._eval(state, totals, batch)
     return parallel.to_host(totals)
