@@ -68,6 +68,7 @@ class BenchSpec:
   image_shape: tuple[int, int, int] = (32, 32, 3)
   num_classes: int = 10
   skip: bool = True
+  bn_fast_variance: bool = False
   steps: int = 20
   warmup: int = 3
   repeats: int = 3
@@ -83,6 +84,7 @@ def bench_config(spec: BenchSpec):
   config.model.name = spec.model
   config.model.skip = spec.skip
   config.model.dtype = spec.dtype
+  config.model.bn_fast_variance = spec.bn_fast_variance
   config.optimizer.nesterov = True
   config.optimizer.schedule = "constant"  # The schedule's shape does not change the step's cost.
   config.batch_size = spec.batch_size
@@ -128,7 +130,8 @@ def result_row(spec: BenchSpec, *, framework: str, device: str, seconds_per_step
   """One line of the table and of `--json_out`."""
   return {"device": device, "model": spec.model, "batch_size": spec.batch_size,
           "dtype": spec.dtype, "image_shape": list(spec.image_shape),
-          "num_classes": spec.num_classes, "skip": spec.skip, "framework": framework,
+          "num_classes": spec.num_classes, "skip": spec.skip,
+          "bn_fast_variance": spec.bn_fast_variance, "framework": framework,
           "images_per_s": spec.batch_size / seconds_per_step,
           "ms_per_step": 1000 * seconds_per_step, "compile_s": compile_s,
           "peak_memory_bytes": peak_memory_bytes, "memory_kind": memory_kind,
@@ -370,6 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=10)
   p.add_argument("--skip", default=True, help="false: the plain twin", **flag)
+  p.add_argument("--bn_fast_variance", default=False, help="one-pass BatchNorm variance",
+                 **flag)
   p.add_argument("--steps", type=int, default=20, help="steps per timing")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   p.add_argument("--repeats", type=int, default=3, help="timings; the median is reported")
@@ -385,7 +390,8 @@ def specs_from_args(args: argparse.Namespace) -> list[BenchSpec]:
   """One spec per (model, batch size), validated."""
   specs = [BenchSpec(model=m, batch_size=b, dtype=args.dtype,
                      image_shape=(args.image_size, args.image_size, args.channels),
-                     num_classes=args.num_classes, skip=args.skip, steps=args.steps,
+                     num_classes=args.num_classes, skip=args.skip,
+                     bn_fast_variance=args.bn_fast_variance, steps=args.steps,
                      warmup=args.warmup, repeats=args.repeats)
            for m in args.model for b in args.batch_size]
   if not specs:

@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "lars")
 DTYPES = ("float32", "bfloat16")
 SHORTCUTS = ("A", "B")
 VARIANTS = ("v1", "v1.5", "v2")
+# Filters of each stage's branch convolutions at width 1 (the stem has the first stage's).
+STAGE_FILTERS = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
 # The arguments every config file's get_config accepts: `configs/cifar10.py:depth=56,skip=false`.
 MODEL_ARGS = ("depth", "skip", "shortcut", "variant", "dtype", "width")
 
@@ -47,8 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.zero_init_residual = False
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
+  c.model.bn_fast_variance = False  # True: one-pass BN variance (faster; see models.ResNet).
   c.model.dtype = "float32"  # Computation dtype; parameters stay float32.
-  c.model.width = 1  # Width multiplier on every stage's filters.
+  c.model.width = 1.0  # Multiplier on every stage's filters: 0.25 -> 4/8/16 (CIFAR), 2 -> 32/64/128.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -116,7 +119,7 @@ def apply_model_args(config: ml_collections.ConfigDict,
     elif key == "skip":
       config.model.skip = parse_bool(value)
     elif key == "width":
-      config.model.width = int(value)
+      config.model.width = float(value)
     elif key in ("shortcut", "variant", "dtype"):
       setattr(config.model, key, value)
     else:
@@ -155,6 +158,17 @@ def model_depth(name: str) -> tuple[str, int]:
       f"{', '.join(map(str, IMAGENET_DEPTHS))}")
 
 
+def check_width(family: str, width: float) -> None:
+  """Raises ValueError unless `width` x each stage's filters of `family` is a whole number >= 1."""
+  filters = STAGE_FILTERS[family]
+  products = [f * width for f in filters]
+  if not width > 0 or any(p < 1 or p != round(p) for p in products):
+    raise ValueError(
+        f"config.model.width must be > 0 and make every stage's filter count {filters} a whole "
+        f"number (e.g. 0.25, 0.5, 1, 2 for CIFAR nets); got {width!r}, which gives "
+        f"{', '.join(f'{p:g}' for p in products)}")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
              train_size: int | None = None) -> None:
   """Checks the whole config; raises one ValueError listing every problem found.
@@ -167,13 +181,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   errors: list[str] = []
   _one_of(errors, "config.dataset.name", config.dataset.name, DATASETS)
   try:
-    model_depth(config.model.name)
+    family, _ = model_depth(config.model.name)
+    check_width(family, config.model.width)
   except ValueError as e:
     errors.append(str(e))
   _one_of(errors, "config.model.shortcut", config.model.shortcut, SHORTCUTS)
   _one_of(errors, "config.model.variant", config.model.variant, VARIANTS)
   _one_of(errors, "config.model.dtype", config.model.dtype, DTYPES)
-  _positive(errors, "config.model.width", config.model.width)
   if not 0.0 <= config.model.bn_momentum < 1.0:
     errors.append(f"config.model.bn_momentum must be in [0, 1); got {config.model.bn_momentum}")
   _positive(errors, "config.model.bn_epsilon", config.model.bn_epsilon)

@@ -50,7 +50,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.config import DTYPES, SHORTCUTS, VARIANTS, model_depth
+from resnet_jax.config import (DTYPES, SHORTCUTS, STAGE_FILTERS, VARIANTS, check_width,
+                               model_depth)
 
 ModuleDef = Any
 # One convolution of a residual branch: (kernel size, output filters, stride).
@@ -66,8 +67,8 @@ IMAGENET_STAGE_SIZES = {
     152: (3, 8, 36, 3),
     200: (3, 24, 36, 3),
 }
-IMAGENET_STAGE_FILTERS = (64, 128, 256, 512)
-CIFAR_STAGE_FILTERS = (16, 32, 64)
+IMAGENET_STAGE_FILTERS = STAGE_FILTERS["imagenet"]
+CIFAR_STAGE_FILTERS = STAGE_FILTERS["cifar"]
 BOTTLENECK_EXPANSION = 4
 
 # He et al. 2015 initialisation, fan_out mode, as the ResNet paper and torchvision use.
@@ -226,7 +227,8 @@ class ResNet(nn.Module):
   """Stem, stages of blocks, global average pool, dense: x [B, H, W, C] -> logits f32 [B, classes].
 
   The first stage keeps the stem's resolution; every later stage halves it in its first block.
-  Stage filters and the stem's filters (the first stage's) are multiplied by `width`.
+  Stage filters and the stem's filters (the first stage's) are multiplied by `width`; get_model
+  checks that every product is a whole number.
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -250,27 +252,29 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  bn_fast_variance: bool = False
   dtype: Any = jnp.float32
-  width: int = 1
+  width: float = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                              kernel_init=he_normal_fan_out)
-    # Two-pass variance, mean((x - mean)^2): the one-pass E[x^2] - E[x]^2 cancels badly on
-    # channels whose mean dwarfs their spread (the flat background of Fashion-MNIST), and then
-    # the summation order -- hence the device count -- changes the gradients by up to 1e-3.
+    # Two-pass variance by default, mean((x - mean)^2): the one-pass E[x^2] - E[x]^2 cancels
+    # badly on channels whose mean dwarfs their spread (the flat background of Fashion-MNIST),
+    # and then the summation order -- hence the device count -- changes the gradients by up to
+    # 1e-3. One pass reads each activation once less: bn_fast_variance trades that for speed.
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             use_fast_variance=False, dtype=self.dtype,
+                             use_fast_variance=self.bn_fast_variance, dtype=self.dtype,
                              param_dtype=jnp.float32)
     block_cls = PreActBlock if self.preact else PostActBlock
-    x = self.stem(features=self.stage_filters[0] * self.width, conv=conv, norm=norm,
+    x = self.stem(features=round(self.stage_filters[0] * self.width), conv=conv, norm=norm,
                   normalize=not self.preact, name="stem")(x)
     for s, (size, filters) in enumerate(zip(self.stage_sizes, self.stage_filters), start=1):
       for b in range(1, size + 1):
         stride = 2 if s > 1 and b == 1 else 1
-        x = block_cls(branch=self.branch_convs(filters * self.width, stride), conv=conv,
+        x = block_cls(branch=self.branch_convs(round(filters * self.width), stride), conv=conv,
                       norm=norm, skip=self.skip, shortcut=self.shortcut,
                       zero_init_residual=self.zero_init_residual, name=f"stage{s}_block{b}")(x)
     if self.preact:
@@ -293,7 +297,8 @@ def computation_dtype(dtype) -> jnp.dtype:
 
 def get_model(name: str, *, num_classes: int, skip: bool = True, shortcut: str = "A",
               variant: str = "v1.5", zero_init_residual: bool = False, bn_momentum: float = 0.9,
-              bn_epsilon: float = 1e-5, dtype="float32", width: int = 1) -> nn.Module:
+              bn_epsilon: float = 1e-5, bn_fast_variance: bool = False, dtype="float32",
+              width: float = 1) -> nn.Module:
   """The network `name` ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
 
   Args:
@@ -306,25 +311,28 @@ def get_model(name: str, *, num_classes: int, skip: bool = True, shortcut: str =
     bn_momentum: decay of BatchNorm's running averages (Flax's convention: torchvision's 0.1 is
       0.9 here).
     bn_epsilon: added to BatchNorm variances.
+    bn_fast_variance: BatchNorm variance in one pass, E[x^2] - E[x]^2, instead of two; faster,
+      but it cancels where a channel's mean dwarfs its spread.
     dtype: computation dtype, "float32" or "bfloat16" (or the jnp dtype).
-    width: integer multiplier on the stem's and every stage's filters.
+    width: multiplier on the stem's and every stage's filters: 2 or 10 for wide nets, 0.25 or 0.5
+      for narrow ones (CIFAR stages of 4/8/16 or 8/16/32 filters); every product must be whole.
 
   Raises:
-    ValueError: an unknown name or depth, shortcut, variant or dtype, a non-positive width, or
-      zero_init_residual on a plain twin.
+    ValueError: an unknown name or depth, shortcut, variant or dtype, a width that is not
+      positive or leaves a fractional filter count, or zero_init_residual on a plain twin.
   """
   family, depth = model_depth(name)
   if shortcut not in SHORTCUTS:
     raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)}; got {shortcut!r}")
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-  if not isinstance(width, int) or width < 1:
-    raise ValueError(f"width must be a positive integer; got {width!r}")
+  check_width(family, width)
   if zero_init_residual and not skip:
     # The plain twin has no residual branch; zeroing its BN scales would cut the signal.
     raise ValueError("zero_init_residual=True needs skip=True: a plain net has no residual branch")
   common = dict(num_classes=num_classes, skip=skip, zero_init_residual=zero_init_residual,
-                bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, dtype=computation_dtype(dtype),
+                bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
+                bn_fast_variance=bn_fast_variance, dtype=computation_dtype(dtype),
                 width=width)
   if family == "cifar":
     n = (depth - 2) // 6

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import tqdm
 
@@ -19,12 +20,22 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 
 
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file of its own and a rename: readers never see
+  half a file, and concurrent writers (sweep workers, job-array tasks) never share a temporary."""
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # Plain open(): the file gets the umask's permissions.
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def write_json_atomic(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -42,10 +53,8 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   kept = [e for e in events if e["step"] <= last_step]
   if len(kept) == len(events):
     return
-  path = os.path.join(workdir, METRICS_FILE)
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(e) + "\n" for e in kept)
-  os.replace(path + ".tmp", path)
+  write_text_atomic(os.path.join(workdir, METRICS_FILE),
+                    "".join(json.dumps(e) + "\n" for e in kept))
 
 
 class Reporter:

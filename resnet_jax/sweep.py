@@ -269,7 +269,8 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
   if parallel < 1 or parallel > 1 and run_fn is not None:
     raise ValueError(f"parallel must be >= 1, and 1 with a run_fn; got {parallel}")
   os.makedirs(workdir, exist_ok=True)
-  _write_text_atomic(os.path.join(workdir, SWEEP_FILE), sweep_config.to_json(indent=2))
+  reporting.write_text_atomic(os.path.join(workdir, SWEEP_FILE),
+                              sweep_config.to_json(indent=2) + "\n")
   selected = points if point_index is None else [points[point_index]]
   todo = []
   for point in selected:
@@ -371,12 +372,6 @@ def _clear_summary(point_dir: str) -> None:
     os.remove(path)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(text + "\n")
-  os.replace(path + ".tmp", path)
-
-
 def load_sweep(workdir: str) -> ml_collections.ConfigDict:
   """The sweep config an earlier run saved in `workdir`."""
   path = os.path.join(workdir, SWEEP_FILE)
@@ -422,7 +417,8 @@ def write_results(points: list[Point], workdir: str) -> list[dict]:
   writer.writeheader()
   writer.writerows({k: format_value(v) if isinstance(v, bool) else v for k, v in row.items()}
                    for row in rows)
-  _write_text_atomic(os.path.join(workdir, RESULTS_FILE), out.getvalue().rstrip("\n"))
+  reporting.write_text_atomic(os.path.join(workdir, RESULTS_FILE),
+                              out.getvalue().rstrip("\n") + "\n")
   return rows
 
 

@@ -43,7 +43,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
   return models.get_model(
       m.name, num_classes=num_classes, skip=m.skip, shortcut=m.shortcut, variant=m.variant,
       zero_init_residual=m.zero_init_residual, bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon, dtype=m.dtype, width=m.width)
+      bn_epsilon=m.bn_epsilon, bn_fast_variance=m.bn_fast_variance, dtype=m.dtype,
+      width=m.width)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, *, seed: int,

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from resnet_jax import config as config_lib
+from resnet_jax import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +22,9 @@ def load_config(path: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-@pytest.mark.parametrize("path", ["configs/fashion_mnist.py", "configs/cifar10.py",
-                                  "configs/cifar100.py", "configs/imagenet.py"])
+@pytest.mark.parametrize("path", ["configs/fashion_mnist.py", "configs/fashion_mnist_gpu.py",
+                                  "configs/cifar10.py", "configs/cifar100.py",
+                                  "configs/imagenet.py"])
 def test_every_config_file_validates_and_says_its_command(path):
   config = load_config(path)
   config_lib.validate(config, num_devices=8)
@@ -48,10 +50,17 @@ def test_cifar10_resnet110_warms_up_at_a_tenth_of_the_rate_for_400_steps():
 def test_imagenet_config_scales_batch_and_epochs_with_the_devices():
   config = load_config("configs/imagenet.py", "devices=4,schedule=step,depth=101")
   assert config.batch_size == 1024 and config.optimizer.base_batch_size == 256
-  assert config.model.name == "resnet101"
+  assert config.model.name == "resnet101" and config.model.bn_fast_variance
   assert config.num_steps == 90 * 1_281_167 // 1024
   assert tuple(config.optimizer.boundaries) == (30, 60, 80)
   assert config.optimizer.boundaries_unit == "epochs"
+
+
+def test_gpu_fashion_mnist_config_runs_15_epochs_at_the_scaled_rate_in_bfloat16():
+  config = load_config("configs/fashion_mnist_gpu.py", "depth=56")
+  assert (config.model.name, config.model.dtype, config.batch_size) == ("resnet56", "bfloat16", 256)
+  assert (config.num_steps - 1) * config.batch_size < 15 * 60_000 <= config.num_steps * 256
+  assert optim.peak_learning_rate(config.optimizer, config.batch_size) == pytest.approx(0.2)
 
 
 def test_unknown_config_argument_lists_the_allowed_ones():
@@ -70,6 +79,13 @@ def test_validation_reports_every_problem_at_once():
   assert "config.model.name must be one of resnet20, resnet32" in message
   assert "config.optimizer.schedule must be one of constant, step, cosine; got 'linear'" in message
   assert "config.optimizer.momentum must be in [0, 1); got 1.5" in message
+
+
+def test_narrow_width_argument_sets_a_fractional_multiplier_and_fractional_filters_are_rejected():
+  assert load_config("configs/fashion_mnist.py", "width=0.5").model.width == 0.5
+  config = load_config("configs/imagenet.py", "width=0.1")
+  with pytest.raises(ValueError, match=r"width must be > 0 .*got 0.1, which gives 6.4, 12.8"):
+    config_lib.validate(config)
 
 
 def test_boundaries_past_the_end_of_the_run_are_rejected():

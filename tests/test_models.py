@@ -194,11 +194,13 @@ def test_projection_layers_are_named_shortcut_and_only_where_shape_changes():
   assert params["stage2_block1"]["shortcut_conv"]["kernel"].shape == (1, 1, 256, 512)
 
 
-def test_width_multiplies_stem_and_stage_filters():
-  params = abstract_variables(get_model("resnet20", num_classes=10, width=4))["params"]
-  assert params["stem"]["conv"]["kernel"].shape == (3, 3, 3, 64)
-  assert params["stage3_block3"]["conv2"]["kernel"].shape == (3, 3, 256, 256)
-  assert params["head"]["kernel"].shape == (256, 10)
+@pytest.mark.parametrize("width, filters", [(4, (64, 128, 256)), (0.25, (4, 8, 16))])
+def test_width_multiplies_stem_and_stage_filters(width, filters):
+  params = abstract_variables(get_model("resnet20", num_classes=10, width=width))["params"]
+  assert params["stem"]["conv"]["kernel"].shape == (3, 3, 3, filters[0])
+  assert params["stage1_block3"]["conv2"]["kernel"].shape == (3, 3, filters[0], filters[0])
+  assert params["stage3_block3"]["conv2"]["kernel"].shape == (3, 3, filters[2], filters[2])
+  assert params["head"]["kernel"].shape == (filters[2], 10)
 
 
 def test_conv_kernels_have_no_bias_and_params_are_float32_under_bfloat16():
@@ -320,7 +322,8 @@ def test_unknown_name_or_depth_raises_with_the_allowed_list(name, allowed):
     ({"variant": "v3"}, "variant must be one of v1, v1.5, v2; got 'v3'"),
     ({"dtype": "float16"}, "dtype must be one of float32, bfloat16; got 'float16'"),
     ({"dtype": "fp32"}, "dtype must be one of float32, bfloat16; got 'fp32'"),
-    ({"width": 0}, "width must be a positive integer; got 0"),
+    ({"width": 0}, r"width must be > 0 .* got 0, which gives 0, 0, 0"),
+    ({"width": 0.3}, r"whole number .* got 0.3, which gives 4.8, 9.6, 19.2"),
 ])
 def test_bad_option_raises_with_the_allowed_values(kwargs, allowed):
   with pytest.raises(ValueError, match=allowed):
@@ -356,3 +359,20 @@ def test_batch_norm_stats_over_a_sharded_batch_equal_the_unsharded_ones(resnet20
   # Per-device statistics would have failed the comparison above.
   local_mean = first_shard_only["batch_stats"]["stem"]["bn"]["mean"]
   assert np.abs(local_mean - unsharded["batch_stats"]["stem"]["bn"]["mean"]).max() > 1e-2
+
+
+@pytest.mark.parametrize("fast, close", [(False, True), (True, False)])
+def test_two_pass_bn_variance_survives_a_mean_that_dwarfs_the_spread_and_one_pass_does_not(
+    fast, close):
+  # 1x1 images of 100 +- 0.01 (one pixel: no zero padding in the conv's window adds spread): the
+  # stem conv's outputs have means ~1e2 and variances ~1e-5, below float32's resolution of
+  # mean^2, so E[x^2] - E[x]^2 cancels.
+  model = get_model("resnet20", num_classes=10, bn_momentum=0.0, bn_fast_variance=fast)
+  x = 100 + 0.01 * jax.random.normal(jax.random.key(0), (64, 1, 1, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  (_, state) = model.apply(variables, x, train=True, capture_intermediates=True,
+                           mutable=["batch_stats", "intermediates"])
+  conv_out = np.asarray(state["intermediates"]["stem"]["conv"]["__call__"][0], np.float64)
+  exact = conv_out.reshape(-1, conv_out.shape[-1]).var(axis=0)
+  bn_var = np.asarray(state["batch_stats"]["stem"]["bn"]["var"], np.float64)  # momentum 0.
+  assert np.allclose(bn_var, exact, rtol=1e-2) == close

@@ -6,6 +6,7 @@ a summary, so no network is trained; the last test runs real tiny runs end to en
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -125,6 +126,19 @@ def test_cifar10_ablation_runs_the_papers_protocol():
     assert opt.warmup_steps == (400 if p.fields["depth"] == 110 else 0)
 
 
+@pytest.mark.parametrize("name, depths, steps", [
+    ("ablation_fashion_mnist.py", (20, 56), 600),
+    ("ablation_fashion_mnist_gpu.py", (110, 56, 20), 2812),
+])
+def test_fashion_mnist_ablations_pair_every_depth_with_its_plain_twin(name, depths, steps):
+  points = sweep.expand(load_sweep_file(name))
+  assert [(p.config.model.name, p.config.model.skip) for p in points] == [
+      (f"resnet{d}", s) for d in depths for s in (False, True)]
+  assert {(p.config.dataset.name, p.config.num_steps) for p in points} == {("fashion_mnist", steps)}
+  with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
+    assert f"--config=configs/sweeps/{name}" in f.read()
+
+
 def test_batch_size_sweep_scales_the_learning_rate_linearly():
   points = sweep.expand(load_sweep_file("batch_size_fashion_mnist.py"))
   peaks = {p.config.batch_size: optim.peak_learning_rate(p.config.optimizer, p.config.batch_size)
@@ -241,6 +255,22 @@ def test_point_index_runs_only_that_point(tmp_path):
                          run_fn=fake, point_index=1)
   assert called_names(fake) == ["depth=32"]
   assert [r["status"] for r in rows] == ["pending", "completed", "pending"]
+
+
+def test_concurrent_array_tasks_of_one_sweep_do_not_collide_on_its_files(tmp_path):
+  # Job-array tasks and --parallel workers each rewrite sweep.json and results.csv; a shared
+  # temporary file name made one task's rename fail when another had just renamed it.
+  config = make_sweep(sweep.axis("depth", [20, 32, 44, 56]))
+
+  def task(i):
+    for _ in range(25):
+      sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun(), point_index=i)
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(task, range(4)))  # Re-raises any task's exception.
+  rows = sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  assert [row["status"] for row in rows] == ["completed"] * 4
+  assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_point_index_out_of_range_is_rejected(tmp_path):
