@@ -8,7 +8,8 @@ Arguments: devices=N (default 8), depth=18|34|50|101|152|200, variant=v1|v1.5|v2
 schedule=cosine|step, dtype=bfloat16.
 Batch 256 per device x N devices; lr 0.1 per 256 images (linear scaling rule, Goyal et al. 2017)
 with 5 warmup epochs, then cosine (or /10 at epochs 30, 60, 80 with schedule=step); weight decay
-1e-4; label smoothing none; one-pass BatchNorm variance. Expect about 76.5% top-1 (23.5% error) for ResNet-50 v1.5.
+1e-4; label smoothing none; one-pass BatchNorm variance. Expect about 76.5% top-1 (23.5% error)
+for ResNet-50 v1.5.
 """
 
 from resnet_jax import config as config_lib

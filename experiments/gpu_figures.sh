@@ -12,7 +12,10 @@ set -u
 out=${1:?usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS]}
 deadline=$((SECONDS + ${2:-540}))
 # The smaller of the cap $1 and the seconds left before the deadline (keeping 20 s to pack up).
-limit() { local left=$((deadline - SECONDS - 20)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
+limit() {
+  local left=$((deadline - SECONDS - 20))
+  echo $(( left < $1 ? (left > 1 ? left : 1) : $1 ))
+}
 mkdir -p "$out"
 runs=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -23,25 +26,28 @@ echo "== 1. configs/fashion_mnist_gpu.py"
 timeout $(limit 150) python -m resnet_jax.main --config=configs/fashion_mnist_gpu.py \
     --workdir="$runs/fashion_mnist_gpu" 2>&1 | tail -1
 cp "$runs/fashion_mnist_gpu/metrics.jsonl" "$out/fashion_mnist_gpu_metrics.jsonl"
-python - "$runs/fashion_mnist_gpu/metrics.jsonl" <<'PY'
-import json, sys
-events = [json.loads(line) for line in open(sys.argv[1])]
+python - "$runs/fashion_mnist_gpu" <<'PY'
+import json, os, sys
+from resnet_jax import reporting
+batch = json.load(open(os.path.join(sys.argv[1], reporting.CONFIG_FILE)))["batch_size"]
+events = reporting.read_metrics(sys.argv[1])
 train = [e for e in events if e["event"] == "train"]
 seconds, last = 0.0, 0
 for e in train:  # Each log window: its steps at its measured throughput.
-  seconds += (e["step"] - last) * 256 / e["img_per_s"]
+  seconds += (e["step"] - last) * batch / e["img_per_s"]
   last = e["step"]
 evals = [e for e in events if e["event"] == "eval"]
-print(f"training {seconds:.1f} s for {last} steps ({last * 256 / seconds:,.0f} img/s), "
+print(f"training {seconds:.1f} s for {last} steps ({last * batch / seconds:,.0f} img/s), "
       f"compile {train[0].get('compile_s')} s, final train error {train[-1]['train_error']:.4f}, "
       f"test accuracy {100 * (1 - evals[-1]['test_error']):.2f}%")
 PY
 
 echo "== 2. experiments/bench.py"
-timeout $(limit 150) python experiments/bench.py --model=resnet20 --batch_size=128,512 --dtype=bfloat16 \
-    --json_out="$out/bench.jsonl" 2>&1 | tail -6
-timeout $(limit 150) python experiments/bench.py --model=resnet50 --batch_size=256 --dtype=bfloat16 \
-    --image_size=224 --num_classes=1000 --json_out="$out/bench.jsonl" 2>&1 | tail -4
+timeout $(limit 150) python experiments/bench.py --model=resnet20 --batch_size=128,512 \
+    --dtype=bfloat16 --json_out="$out/bench.jsonl" 2>&1 | tail -6
+timeout $(limit 150) python experiments/bench.py --model=resnet50 --batch_size=256 \
+    --dtype=bfloat16 --image_size=224 --num_classes=1000 --json_out="$out/bench.jsonl" 2>&1 \
+    | tail -4
 
 echo "== 3. configs/sweeps/ablation_fashion_mnist_gpu.py"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout $(limit 330) python -m resnet_jax.sweep \

@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.bn_epsilon = 1e-5
   c.model.bn_fast_variance = False  # True: one-pass BN variance (faster; see models.ResNet).
   c.model.dtype = "float32"  # Computation dtype; parameters stay float32.
-  c.model.width = 1.0  # Multiplier on every stage's filters: 0.25 -> 4/8/16 (CIFAR), 2 -> 32/64/128.
+  c.model.width = 1.0  # Multiplier on every stage's filters: 0.5 -> CIFAR stages of 8/16/32.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"

@@ -12,8 +12,8 @@ ablation_table.md and gradient_flow.png.
 Expect (measured on the idle 2-core CPU, 15.0 minutes), final training error:
 plain-20 14.4%, plain-56 22.6%, ResNet-20 12.2%, ResNet-56 11.8% (test 14.0, 21.4, 11.9, 11.4%):
 the deeper plain net trains worse, the deeper ResNet better, by a small margin this early
-(seed 1: 13.3% vs 12.5%; 800 steps: 11.3% vs 10.6%). At initialisation the plain-56's gradient norm at the
-stem is about 500x its norm at the head (plain-20: 2.5x; ResNets: 0.2-0.3x).
+(seed 1: 13.3% vs 12.5%; 800 steps: 11.3% vs 10.6%). At initialisation the plain-56's gradient
+norm at the stem is about 500x its norm at the head (plain-20: 2.5x; ResNets: 0.2-0.3x).
 """
 
 import ml_collections

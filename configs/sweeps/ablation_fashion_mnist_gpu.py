@@ -31,5 +31,6 @@ def get_config():
                 "log_every": 100, "eval_every": 500, "checkpoint_every": 0,
                 "diagnostics_every": 500, "progress_bar": False,
                 "optimizer": {"lr": 0.1, "warmup_steps": 250, "nesterov": True}},
-      "points": sweep.product(sweep.axis("depth", [110, 56, 20]), sweep.axis("skip", [False, True])),
+      "points": sweep.product(sweep.axis("depth", [110, 56, 20]),
+                              sweep.axis("skip", [False, True])),
   })
