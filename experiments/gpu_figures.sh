@@ -4,10 +4,13 @@
 #      training seconds, compilation and evaluation excluded);
 #   2. experiments/bench.py: ResNet-20 at batch 128 and 512, ResNet-50 at batch 256, bf16, JAX
 #      and PyTorch side by side;
-#   3. configs/sweeps/ablation_fashion_mnist_gpu.py with its plots.
+#   3. experiments/preemption_drill.py on configs/fashion_mnist_gpu.py: SIGTERM mid-run, the
+#      exit code, the checkpointed step, seconds to stop, and a bitwise resume;
+#   4. configs/sweeps/ablation_fashion_mnist_gpu.py with its plots.
 # Usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS]
 # writes JSON lines and a tarball to OUT_DIR; each part is cut short so that the whole ends within
-# SECONDS (default 540), since a GPU lease is short. 6.2 minutes on one H100 (jax 0.11.2).
+# SECONDS (default 540), since a GPU lease is short. 6.2 minutes on one H100 (jax 0.11.2) without
+# part 3; all four parts took 7.1 minutes on one H200.
 set -u
 out=${1:?usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS]}
 deadline=$((SECONDS + ${2:-540}))
@@ -49,7 +52,11 @@ timeout $(limit 150) python experiments/bench.py --model=resnet50 --batch_size=2
     --dtype=bfloat16 --image_size=224 --num_classes=1000 --json_out="$out/bench.jsonl" 2>&1 \
     | tail -4
 
-echo "== 3. configs/sweeps/ablation_fashion_mnist_gpu.py"
+echo "== 3. experiments/preemption_drill.py"
+timeout $(limit 120) python experiments/preemption_drill.py --config=configs/fashion_mnist_gpu.py \
+    --num_steps=1200 --signal_after=400 --json_out="$out/preemption_drill.jsonl" 2>&1 | tail -2
+
+echo "== 4. configs/sweeps/ablation_fashion_mnist_gpu.py"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout $(limit 330) python -m resnet_jax.sweep \
     --config=configs/sweeps/ablation_fashion_mnist_gpu.py --workdir="$runs/ablation" \
     --parallel=3 --devices=0,0,0 2>&1 | tail -9

@@ -1,21 +1,51 @@
-"""Saving and resuming a run: Orbax checkpoints of the train state, checked against the config.
+"""Saving and resuming a run: Orbax checkpoints of the train state, sealed and checked.
 
-Each checkpoint holds two items: `state` (the whole TrainState: step, params, batch_stats,
-optimizer state, data seed) and `config` (the run's config as JSON). Resuming compares the stored
-config with the current one *before* touching the state, so a checkpoint of another network,
-dataset or recipe is refused with the fields that differ instead of being half-restored. Only the
-fields in `RESUMABLE_FIELDS` (bookkeeping that does not change what is trained) may differ.
-Streaming runs add a third item, `data`, the input iterator's position.
+Each checkpoint `checkpoints/<step>/` holds the items `state` (the whole TrainState: step, params,
+batch_stats, optimizer state, data seed), `config` (the run's config as JSON) and `progress`
+(bookkeeping such as the run's wall time so far); streaming runs add `data`, the input iterator's
+position.
+
+**Sealed.** Saves are asynchronous. Before Orbax commits a save (renames its temporary directory
+to `<step>/`), `Saver` writes `checksums.json` into it: the size and SHA-256 of every file of
+every item. A committed checkpoint therefore always carries its manifest, and a checkpoint cut
+short by a crash is never committed at all.
+
+**Checked.** `restore_latest` verifies the newest checkpoint against its manifest, then restores
+it. One that fails (a changed byte, a truncated or missing file, a manifest that does not parse,
+an item Orbax cannot read) is moved to `unusable_checkpoints/<step>/` beside `checkpoints/`,
+with one warning line saying why, and the next newest is tried. Only when none is usable does it
+raise `NoUsableCheckpointError`. Checkpoints written before manifests existed are restored with
+a warning that they are unverified.
+
+**Matched.** The stored config is compared with the current one before the state is read, so a
+checkpoint of another network, dataset or recipe is refused (`CheckpointMismatchError`) with the
+fields that differ. Only the fields in `RESUMABLE_FIELDS` (bookkeeping) may differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import glob
+import hashlib
+import json
 import os
+import shutil
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from resnet_jax import config as config_lib
+from resnet_jax import lock, reporting
+
+MANIFEST_FILE = "checksums.json"
+UNUSABLE_DIR = "unusable_checkpoints"  # Beside the checkpoints directory.
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet committed.
+_HASH_CHUNK = 1 << 20
 
 # Fields that may change between an interrupted run and its resumption.
 RESUMABLE_FIELDS = frozenset({
@@ -25,26 +55,156 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(config_lib.ConfigError):
   """A checkpoint exists but was written by a run this config cannot continue."""
 
 
-def create_manager(directory: str, *, keep: int) -> ocp.CheckpointManager:
-  """An async manager that keeps the newest `keep` checkpoints under `directory`."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+class NoUsableCheckpointError(lock.WorkdirError):
+  """Every checkpoint of a run failed its checks; they were moved aside, none deleted."""
 
 
-def save(manager: ocp.CheckpointManager, step: int, state,
-         config: ml_collections.ConfigDict, extra_items: dict | None = None) -> None:
-  """Starts an asynchronous save of `state` at `step` (every process must call it).
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  step: int
+  state: Any
+  wall_time_s: float  # The run's wall time up to this checkpoint, over all its segments.
 
-  extra_items: more Orbax args by item name, e.g. {"data": grain.checkpoint.CheckpointSave(it)}.
+
+class Saver:
+  """Asynchronous, sealed saves into one checkpoints directory, keeping the newest `keep`.
+
+  Every process must call save() at the same steps: the state is written collectively.
   """
-  items = {"state": ocp.args.StandardSave(state),
-           "config": ocp.args.JsonSave(config.to_dict()), **(extra_items or {})}
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def __init__(self, directory: str, *, keep: int):
+    self.directory = os.path.abspath(directory)
+    self._pending_step: int | None = None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True,
+        # Temporary directories of saves cut off by a crash are removed on start.
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, state, config: ml_collections.ConfigDict, *, wall_time_s: float,
+           extra_items: dict | None = None) -> None:
+    """Starts saving `state` as checkpoint `step` (after the previous save has finished).
+
+    extra_items: more Orbax args by item name, e.g. {"data": grain.checkpoint.CheckpointSave(it)}.
+    """
+    items = {"state": ocp.args.StandardSave(state),
+             "config": ocp.args.JsonSave(config.to_dict()),
+             "progress": ocp.args.JsonSave({"wall_time_s": wall_time_s}),
+             **(extra_items or {})}
+    self.wait()  # One save in flight at a time: _seal knows which it is.
+    self._check_space(step, state)
+    self._pending_step = step
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _check_space(self, step: int, state) -> None:
+    """Raises ENOSPC before a save that cannot fit, on every process alike.
+
+    Orbax reports a full disk well (a ValueError naming ENOSPC), but TensorStore's writes still
+    in flight then print tracebacks from their threads; checking first keeps a full disk to one
+    clear error. A disk that fills during the save still fails inside Orbax.
+    """
+    needed = int(1.1 * sum(leaf.nbytes for leaf in jax.tree.leaves(state))) + (1 << 16)
+    free = shutil.disk_usage(self.directory).free
+    fits = free >= needed
+    if jax.process_count() > 1:  # Process 0's disk decides, so that all stop or none.
+      fits = bool(multihost_utils.broadcast_one_to_all(np.int32(fits)))
+    if not fits:
+      raise OSError(errno.ENOSPC, f"No space left on device for checkpoint {step} in "
+                    f"{self.directory}: {free / 2**20:.1f} MiB free, it takes about "
+                    f"{needed / 2**20:.1f} MiB")
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is committed; raises what it failed with, if it did.
+
+    A failed save's temporary directory is removed at once: on a full disk that space is what
+    the summary needs (a new Saver would remove it too).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception:
+      if jax.process_index() == 0:
+        for tmp_dir in glob.glob(os.path.join(self.directory, f"*{_TMP_SUFFIX}*")):
+          shutil.rmtree(tmp_dir, ignore_errors=True)
+      raise
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def _seal(self) -> None:
+    """Orbax's post-finalization callback (process 0, background thread, before the commit).
+
+    Orbax commits a local save by renaming `<step>.orbax-checkpoint-tmp...` to `<step>`; where it
+    commits in place instead (a commit file, as on cloud storage) the manifest goes into `<step>`.
+    """
+    step = self._pending_step
+    found = (glob.glob(os.path.join(self.directory, f"{step}{_TMP_SUFFIX}*"))
+             or glob.glob(os.path.join(self.directory, str(step))))
+    if len(found) != 1:  # An Orbax that saves otherwise: the checkpoint stays usable, unsealed.
+      reporting.warn(f"checkpoint {step}: no single directory to seal in {self.directory}; "
+                     f"found {found}")
+      return
+    reporting.write_json_atomic(os.path.join(found[0], MANIFEST_FILE),
+                                {"sha256": _checksums(found[0])})
+
+
+def _item_files(step_dir: str) -> list[str]:
+  """Paths, relative to `step_dir`, of every file inside its item directories, sorted.
+
+  Files at the top level (Orbax's step metadata, rewritten at commit time) are not items.
+  """
+  out = []
+  for item in sorted(os.listdir(step_dir)):
+    item_dir = os.path.join(step_dir, item)
+    if not os.path.isdir(item_dir):
+      continue
+    for root, _, files in os.walk(item_dir):
+      out += [os.path.relpath(os.path.join(root, f), step_dir) for f in files]
+  return sorted(out)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _checksums(step_dir: str) -> dict[str, dict]:
+  return {name: {"size": os.path.getsize(os.path.join(step_dir, name)),
+                 "sha256": _sha256(os.path.join(step_dir, name))}
+          for name in _item_files(step_dir)}
+
+
+def verify(step_dir: str) -> str | None:
+  """Checks a checkpoint against its manifest: None if intact, else what is wrong.
+
+  Raises:
+    FileNotFoundError: the checkpoint has no manifest (written before resnet_jax sealed them).
+  """
+  manifest_path = os.path.join(step_dir, MANIFEST_FILE)
+  try:
+    with open(manifest_path) as f:
+      expected = json.load(f)["sha256"]
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"its checksum manifest {MANIFEST_FILE} is unreadable ({type(e).__name__})"
+  for name, entry in sorted(expected.items()):
+    path = os.path.join(step_dir, name)
+    if not os.path.isfile(path):
+      return f"file {name} is missing"
+    size = os.path.getsize(path)
+    if size != entry["size"]:
+      return f"file {name} has {size} bytes, {entry['size']} were written"
+    if _sha256(path) != entry["sha256"]:
+      return f"file {name} does not match its checksum"
+  return None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -70,41 +230,120 @@ def config_mismatches(stored: dict, current: ml_collections.ConfigDict) -> list[
   return lines
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state,
-                   config: ml_collections.ConfigDict, extra_items: dict | None = None):
-  """Restores the newest checkpoint into the shapes and shardings of `abstract_state`.
+def steps(directory: str) -> list[int]:
+  """The committed checkpoints' steps in `directory`, newest first ([] if none)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
 
+
+def restore_latest(directory: str, abstract_state, config: ml_collections.ConfigDict,
+                   extra_items: dict | None = None) -> Restored | None:
+  """Restores the newest usable checkpoint into the shapes and shardings of `abstract_state`.
+
+  Unusable checkpoints met on the way are moved to UNUSABLE_DIR (by process 0) with a warning.
   extra_items: Orbax restore args of further items, restored in place (e.g. a Grain iterator).
   Returns:
-    (step, state) or None when the directory holds no checkpoint.
+    The restored step, state and wall time, or None when `directory` holds no checkpoint.
   Raises:
-    CheckpointMismatchError: the checkpoint was written under a different config, or its
-      contents do not fit this run's state (corrupt or foreign).
+    CheckpointMismatchError: the newest usable checkpoint was written under a different config.
+    NoUsableCheckpointError: checkpoints exist but none is usable.
   """
-  step = manager.latest_step()
-  if step is None:
+  skipped = []
+  for step in steps(directory):
+    step_dir = os.path.join(directory, str(step))
+    try:
+      restored = _restore(step_dir, step, abstract_state, config, extra_items)
+    except _Unusable as e:
+      skipped.append((step, str(e)))
+      continue
+    finally:
+      if jax.process_count() > 1:  # Every process has judged this step before any moves it.
+        multihost_utils.sync_global_devices(f"resnet_jax checkpoint {step} checked")
+    _set_aside(directory, skipped, resumed_from=step)
+    return restored
+  if not skipped:
     return None
-  where = os.path.join(str(manager.directory), str(step))
+  _set_aside(directory, skipped, resumed_from=None)
+  raise NoUsableCheckpointError(
+      f"no usable checkpoint in {directory}: "
+      + "; ".join(f"step {step}: {reason}" for step, reason in skipped)
+      + f"; they were moved to {_unusable_dir(directory)}. To start afresh, use another "
+      "--workdir or remove this one")
+
+
+class _Unusable(Exception):
+  """A checkpoint failed its checks; the message says how."""
+
+
+def _restore(step_dir: str, step: int, abstract_state, config, extra_items) -> Restored:
   try:
-    stored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    problem = verify(step_dir)
+  except FileNotFoundError:
+    _warn(f"checkpoint {step_dir} has no {MANIFEST_FILE} (written before resnet_jax sealed "
+          "checkpoints): restoring it unverified")
+    problem = None
+  if problem:
+    raise _Unusable(problem)
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    stored = checkpointer.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   except Exception as e:  # Orbax raises many types for unreadable files.
-    raise CheckpointMismatchError(
-        f"checkpoint {where} is unreadable ({type(e).__name__}: {e}); move it away to start "
-        "afresh, or point --workdir elsewhere") from e
+    raise _Unusable(f"its config is unreadable ({_brief(e)})") from None
   mismatches = config_mismatches(stored["config"], config)
   if mismatches:
     raise CheckpointMismatchError(
-        f"checkpoint {where} was written by a different run; refusing to resume. Differences:\n  "
-        + "\n  ".join(mismatches)
+        f"checkpoint {step_dir} was written by a different run; refusing to resume. "
+        "Differences:\n  " + "\n  ".join(mismatches)
         + f"\nOnly these fields may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}.")
   items = {"state": ocp.args.StandardRestore(abstract_state), **(extra_items or {})}
+  has_progress = os.path.isdir(os.path.join(step_dir, "progress"))
+  if has_progress:
+    items["progress"] = ocp.args.JsonRestore()
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = checkpointer.restore(step_dir, args=ocp.args.Composite(**items))
   except Exception as e:
-    raise CheckpointMismatchError(
-        f"checkpoint {where} does not fit this run's state ({type(e).__name__}: {e}); it is "
-        "corrupt or from another version of the code") from e
-  return step, restored["state"]
+    raise _Unusable(f"its state does not fit this run or is unreadable ({_brief(e)})") from None
+  wall_time = restored["progress"]["wall_time_s"] if has_progress else 0.0
+  return Restored(step, restored["state"], float(wall_time))
+
+
+def _brief(error: Exception) -> str:
+  """`TypeName: first line of the message`, at most 200 characters."""
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:  # The other processes would say the same.
+    reporting.warn(message)
+
+
+def _unusable_dir(directory: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(directory)), UNUSABLE_DIR)
+
+
+def _set_aside(directory: str, skipped: list[tuple[int, str]], resumed_from: int | None) -> None:
+  """Moves unusable checkpoints out of Orbax's sight, never deleting them; warns once each."""
+  if not skipped:
+    return
+  target_root = _unusable_dir(directory)
+  for step, reason in skipped:
+    target = os.path.join(target_root, str(step))
+    suffix = 1
+    while os.path.exists(target):  # The same step may fail twice over a run's life.
+      suffix += 1
+      target = os.path.join(target_root, f"{step}.{suffix}")
+    then = (f"resuming from step {resumed_from}" if resumed_from is not None
+            else "no older checkpoint")
+    _warn(f"checkpoint {os.path.join(directory, str(step))} is unusable: {reason}; "
+          f"moved to {target}; {then}")
+    if jax.process_index() == 0:
+      os.makedirs(target_root, exist_ok=True)
+      os.replace(os.path.join(directory, str(step)), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("resnet_jax unusable checkpoints moved")
 
 
 def read_state(directory: str, step: int | None = None):
@@ -112,14 +351,26 @@ def read_state(directory: str, step: int | None = None):
 
   For analysis (notebooks, plots, comparing runs); training resumes through restore_latest().
   Returns (step, state dict with params, batch_stats, opt_state, step, seed).
+  Raises:
+    FileNotFoundError: no checkpoint (at that step) in `directory`.
+    ValueError: the checkpoint fails its checksums.
   """
   directory = os.path.abspath(directory)
   if step is None:
-    with ocp.CheckpointManager(directory) as manager:
-      step = manager.latest_step()
-    if step is None:
+    found = steps(directory)
+    if not found:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-  path = os.path.join(directory, str(step), "state")
+    step = found[0]
+  step_dir = os.path.join(directory, str(step))
+  if not os.path.isdir(step_dir):
+    raise FileNotFoundError(f"no checkpoint {step_dir}")
+  try:
+    problem = verify(step_dir)
+  except FileNotFoundError:
+    problem = None  # Unsealed: written before resnet_jax sealed checkpoints.
+  if problem:
+    raise ValueError(f"checkpoint {step_dir} is unusable: {problem}")
+  path = os.path.join(step_dir, "state")
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path).item_metadata
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -2,11 +2,13 @@
 
 Every run is described by one `ml_collections.ConfigDict`. `default_config()` lists every field
 with its default; the files in `configs/` start from it and change a few fields. `validate()` checks
-the whole config once, before any work starts, and raises one `ValueError` that says what was
+the whole config once, before any work starts, and raises one `ConfigError` that says what was
 wrong and what is allowed. Code past that point trusts the config.
 """
 
 from __future__ import annotations
+
+import math
 
 import ml_collections
 
@@ -24,6 +26,12 @@ VARIANTS = ("v1", "v1.5", "v2")
 STAGE_FILTERS = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
 # The arguments every config file's get_config accepts: `configs/cifar10.py:depth=56,skip=false`.
 MODEL_ARGS = ("depth", "skip", "shortcut", "variant", "dtype", "width")
+# The step counter (TrainState.step, the data order, Optax's schedules) is int32.
+MAX_STEPS = 2**31 - 1
+
+
+class ConfigError(ValueError):
+  """A config that cannot run, found before any work; the message says what is allowed."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,7 +101,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   for item in arg.split(","):
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-      raise ValueError(f"config argument must look like key=value[,key=value...]; got {arg!r}")
+      raise ConfigError(f"config argument must look like key=value[,key=value...]; got {arg!r}")
     out[key.strip()] = value.strip()
   return out
 
@@ -104,7 +112,7 @@ def parse_bool(text: str) -> bool:
     return True
   if lowered in ("false", "0", "no"):
     return False
-  raise ValueError(f"expected true or false; got {text!r}")
+  raise ConfigError(f"expected true or false; got {text!r}")
 
 
 def apply_model_args(config: ml_collections.ConfigDict,
@@ -114,16 +122,19 @@ def apply_model_args(config: ml_collections.ConfigDict,
   `depth=56` names `resnet56`; validate() later checks it against the CIFAR and ImageNet depths.
   """
   for key, value in parse_arg(arg).items():
-    if key == "depth":
-      config.model.name = f"resnet{int(value)}"
-    elif key == "skip":
-      config.model.skip = parse_bool(value)
-    elif key == "width":
-      config.model.width = float(value)
-    elif key in ("shortcut", "variant", "dtype"):
-      setattr(config.model, key, value)
-    else:
-      raise ValueError(f"unknown config argument {key!r}; allowed: {', '.join(MODEL_ARGS)}")
+    if key not in MODEL_ARGS:
+      raise ConfigError(f"unknown config argument {key!r}; allowed: {', '.join(MODEL_ARGS)}")
+    try:
+      if key == "depth":
+        config.model.name = f"resnet{int(value)}"
+      elif key == "skip":
+        config.model.skip = parse_bool(value)
+      elif key == "width":
+        config.model.width = float(value)
+      else:
+        setattr(config.model, key, value)
+    except ValueError as e:  # int("2x"), float("half"), parse_bool("maybe").
+      raise ConfigError(f"config argument {key}={value}: {e}") from None
   return config
 
 
@@ -133,9 +144,11 @@ def _one_of(errors: list[str], field: str, value, allowed) -> None:
 
 
 def _positive(errors: list[str], field: str, value, *, allow_zero: bool = False) -> None:
-  ok = value >= 0 if allow_zero else value > 0
+  """Finite and > 0 (>= 0 with allow_zero): inf and nan are never a setting."""
+  ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
   if not ok:
-    errors.append(f"{field} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+    errors.append(f"{field} must be finite and {'>= 0' if allow_zero else '> 0'}; "
+                  f"got {value!r}")
 
 
 def _strictly_increasing(values) -> bool:
@@ -143,27 +156,27 @@ def _strictly_increasing(values) -> bool:
 
 
 def model_depth(name: str) -> tuple[str, int]:
-  """`resnet56` -> ("cifar", 56). Raises ValueError naming the allowed names."""
+  """`resnet56` -> ("cifar", 56). Raises ConfigError naming the allowed names."""
   allowed = ", ".join(f"resnet{d}" for d in CIFAR_DEPTHS + IMAGENET_DEPTHS)
   if not name.startswith("resnet") or not name[len("resnet"):].isdigit():
-    raise ValueError(f"config.model.name must be one of {allowed}; got {name!r}")
+    raise ConfigError(f"config.model.name must be one of {allowed}; got {name!r}")
   depth = int(name[len("resnet"):])
   if depth in CIFAR_DEPTHS:
     return "cifar", depth
   if depth in IMAGENET_DEPTHS:
     return "imagenet", depth
-  raise ValueError(
+  raise ConfigError(
       f"config.model.name {name!r}: CIFAR ResNet depth must be 6n+2: "
       f"{', '.join(map(str, CIFAR_DEPTHS))}; ImageNet ResNet depth must be one of "
       f"{', '.join(map(str, IMAGENET_DEPTHS))}")
 
 
 def check_width(family: str, width: float) -> None:
-  """Raises ValueError unless `width` x each stage's filters of `family` is a whole number >= 1."""
+  """Raises ConfigError unless `width` x each stage's filters of `family` is a whole number >= 1."""
   filters = STAGE_FILTERS[family]
   products = [f * width for f in filters]
-  if not width > 0 or any(p < 1 or p != round(p) for p in products):
-    raise ValueError(
+  if not 0 < width < math.inf or any(p < 1 or p != round(p) for p in products):
+    raise ConfigError(
         f"config.model.width must be > 0 and make every stage's filter count {filters} a whole "
         f"number (e.g. 0.25, 0.5, 1, 2 for CIFAR nets); got {width!r}, which gives "
         f"{', '.join(f'{p:g}' for p in products)}")
@@ -171,12 +184,13 @@ def check_width(family: str, width: float) -> None:
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
              train_size: int | None = None) -> None:
-  """Checks the whole config; raises one ValueError listing every problem found.
+  """Checks the whole config; raises one ConfigError listing every problem found.
 
   Args:
     config: the run's config.
     num_devices: devices the global batch is split over (jax.device_count()).
-    train_size: examples in the training split, when known, to check epoch boundaries.
+    train_size: examples in the training split, when known, to check the batch size and epoch
+      boundaries against it.
   """
   errors: list[str] = []
   _one_of(errors, "config.dataset.name", config.dataset.name, DATASETS)
@@ -258,5 +272,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if opt.warmup_steps >= config.num_steps > 0:
     errors.append(f"config.optimizer.warmup_steps ({opt.warmup_steps}) must be less than "
                   f"config.num_steps ({config.num_steps})")
+  if config.num_steps > MAX_STEPS:
+    errors.append(_too_many_steps(config.num_steps))
+  if train_size is not None and config.batch_size > train_size:
+    errors.append(f"config.batch_size ({config.batch_size}) must be at most the "
+                  f"{train_size:,} examples of config.dataset.train_split "
+                  f"{config.dataset.train_split!r}")
   if errors:
-    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _too_many_steps(num_steps: int) -> str:
+  # 1,000 steps a second is beyond any ResNet step today; MAX_STEPS of them take 25 days.
+  years = num_steps / 1_000 / (365.25 * 24 * 3600)
+  return (f"config.num_steps ({num_steps:,}) must be at most {MAX_STEPS:,}: the step counter is "
+          f"int32, and {num_steps:,} steps would take {years:,.1f} years even at 1,000 steps/s")

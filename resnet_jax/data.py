@@ -17,14 +17,14 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from resnet_jax import prepare
+from resnet_jax import config as config_lib
+from resnet_jax import prepare, reporting
 
 # Per-channel mean and standard deviation of the training images on the 0-1 scale, as published
 # with the datasets' standard training recipes.
@@ -57,7 +57,7 @@ class DatasetInfo:
   std: tuple[float, ...]
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(config_lib.ConfigError, FileNotFoundError):
   """The configured dataset has not been prepared in its data_dir; the message says how to."""
 
 
@@ -79,7 +79,7 @@ def _split_info(builder: tfds.core.DatasetBuilder, field: str, split: str):
   try:
     return builder.info.splits[split]
   except (KeyError, ValueError) as e:  # TFDS raises either, by the kind of mistake.
-    raise ValueError(f"config.dataset.{field} {split!r} does not name a split of "
+    raise config_lib.ConfigError(f"config.dataset.{field} {split!r} does not name a split of "
                      f"{builder.name}: {e}") from e
 
 
@@ -88,7 +88,7 @@ def check_prepared(dataset_cfg: ml_collections.ConfigDict) -> None:
 
   Raises:
     DatasetNotPreparedError (a FileNotFoundError): not prepared; the message gives the command.
-    ValueError: train_split or eval_split is not a split (or valid slice) of the dataset.
+    ConfigError: train_split or eval_split is not a split (or valid slice) of the dataset.
   """
   builder = _prepared_builder(dataset_cfg)
   _split_info(builder, "train_split", dataset_cfg.train_split)
@@ -135,7 +135,7 @@ def load_split(dataset_cfg: ml_collections.ConfigDict, split: str
   try:
     _save_atomically(cache, images=images, labels=labels)
   except OSError as e:  # A read-only data_dir still trains, only slower to start.
-    logging.warning("could not cache decoded %s %s in %s: %s", builder.name, split, cache, e)
+    reporting.warn(f"could not cache decoded {builder.name} {split} in {cache}: {e}")
   return images, labels
 
 

@@ -2,20 +2,20 @@
 
 Parses flags and calls `train.train_and_evaluate`; nothing else lives here. Any config field can
 be overridden (`--config.optimizer.lr=0.05`); the config is locked, so unknown fields and wrong
-types are rejected before any work starts.
+types are rejected before any work starts. Bad input is one line `error: ...` and exit code 2;
+a run stopped by SIGTERM or Ctrl-C checkpoints and exits with 75 (see resnet_jax/cli.py).
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from resnet_jax import parallel
+from resnet_jax import cli, parallel
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/fashion_mnist.py", "Config file, optionally with :args.", lock_config=True)
+_CONFIG = cli.define_config_file("config", "configs/fashion_mnist.py",
+                                 "Config file, optionally with :args.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes; resumes if it exists.",
                                required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -25,21 +25,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # cli.run refuses positional arguments.
+  config = cli.load_config(_CONFIG)
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from resnet_jax import train  # After distributed set-up: it must precede any JAX computation.
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = train.train_and_evaluate(config, _WORKDIR.value)
+  if summary["status"] == "preempted":
+    print(f"run preempted: {summary['message']}", file=sys.stderr)
+    return cli.EXIT_PREEMPTED
   if summary["status"] != "completed":
     print(f"run {summary['status']}: {summary['message']}", file=sys.stderr)
-    return 1
+    return cli.EXIT_FAILED
   print(f"test accuracy {100 * (1 - summary['test_error']):.2f}% "
         f"(best {100 * (1 - summary['best_test_error']):.2f}%) after {summary['step']} steps, "
         f"{summary['wall_time_s']:.0f} s; workdir {_WORKDIR.value}")
-  return 0
+  return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-  # Orbax and TFDS log every step of their work at INFO; --verbosity=0 brings that back.
-  flags.FLAGS.set_default("verbosity", logging.WARNING)
-  app.run(main)
+  cli.run(main)

@@ -38,23 +38,48 @@ def write_json_atomic(path: str, obj) -> None:
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def warn(message: str) -> None:
+  """One line `warning: ...` on stderr: what a user must know, whatever the log verbosity."""
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """All events of a run's metrics.jsonl, in order ([] when there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  """All events of a run's metrics.jsonl, in order ([] when there is none).
+
+  A last line cut short (the process was killed mid-write) is dropped with a warning; a bad line
+  before the last raises ValueError naming the file and line.
+  """
+  return _read_events(os.path.join(workdir, METRICS_FILE))[0]
+
+
+def _read_events(path: str) -> tuple[list[dict], bool]:
+  """(events, whether a torn last line was dropped)."""
   if not os.path.exists(path):
-    return []
+    return [], False
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  events = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      events.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # Only the last line can be torn: every write ends with "\n".
+        warn(f"{path}: dropped its last line, cut short ({len(line)} characters): {e.msg}")
+        return events, True
+      raise ValueError(f"{path} line {number} is not JSON ({e.msg}): {line[:80]!r}") from None
+  return events, False
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops events after `last_step`: a resumed run logs those steps again."""
-  events = read_metrics(workdir)
+  """Drops events after `last_step` (a resumed run logs those steps again) and a torn last line."""
+  path = os.path.join(workdir, METRICS_FILE)
+  events, torn = _read_events(path)
   kept = [e for e in events if e["step"] <= last_step]
-  if len(kept) == len(events):
+  if len(kept) == len(events) and not torn:
     return
-  write_text_atomic(os.path.join(workdir, METRICS_FILE),
-                    "".join(json.dumps(e) + "\n" for e in kept))
+  write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
 class Reporter:
@@ -64,9 +89,10 @@ class Reporter:
   """
 
   def __init__(self, workdir: str, *, num_steps: int, first_step: int, enabled: bool,
-               progress_bar: bool):
+               progress_bar: bool, wall_time_s: float = 0.0):
+    """wall_time_s: the run's wall time before this segment (a resumed run continues it)."""
     self.enabled = enabled
-    self._start = time.time()
+    self._start = time.time() - wall_time_s
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # Imported late: only process 0 needs it.
@@ -78,6 +104,7 @@ class Reporter:
     self._step = first_step
 
   def wall_time(self) -> float:
+    """Seconds of the run so far, over all its segments."""
     return time.time() - self._start
 
   def write(self, event: dict) -> None:

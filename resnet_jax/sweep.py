@@ -26,8 +26,14 @@ Commands (`--config` may be left out once the workdir holds the sweep, in sweep.
       (depth 20, batch 32) as fast as one point at a time. Processes on one GPU each take 75%
       of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says less (--devices=0,0,0 shares
       one GPU three ways).
+      SIGTERM or Ctrl-C stops the points in flight (workers are sent SIGTERM) with their last
+      step checkpointed and status "preempted", starts no new point, writes the table and exits
+      with 75; the same command resumes. A worker whose parent dies gets SIGTERM from the kernel
+      (Linux), so a sweep killed with -9 leaves no worker training. A whole sweep locks its
+      workdir (resnet_jax/lock.py): a second one there is refused.
   ... --list             Prints "index name", one line per point; runs nothing.
-  ... --point_index=i    Runs point i only: one task of a cluster job array.
+  ... --point_index=i    Runs point i only: one task of a cluster job array (exit code 75 if it
+                         was preempted, so that the scheduler can requeue it).
   ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table.
   ... --plot             As --report, and writes the figures (resnet_jax/plots.py).
 From Python, `run_sweep(sweep_config, workdir)` does what the first command does and returns the
@@ -40,30 +46,36 @@ A SLURM job array, one point per task, no code changes:
       --wrap="python -m resnet_jax.sweep $SWEEP --point_index=\\$SLURM_ARRAY_TASK_ID"
   python -m resnet_jax.sweep $SWEEP --report --plot       # once the array has finished
 A task that is requeued resumes its point; one that finds its point finished does nothing.
+SLURM sends SIGTERM to a task it preempts or times out: the task checkpoints and exits with 75.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
+import ctypes
 import dataclasses
+import functools
 import importlib.util
 import io
 import json
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
+from resnet_jax import cli
 from resnet_jax import config as config_lib
-from resnet_jax import plots, reporting
+from resnet_jax import lock, plots, preemption, reporting
 
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.csv"
@@ -158,14 +170,15 @@ def expand(sweep_config: ml_collections.ConfigDict) -> list[Point]:
   """Every point of the sweep with its validated run config.
 
   Raises:
-    ValueError: before anything runs, listing every problem: unknown sweep or config fields,
+    ConfigError: before anything runs, listing every problem: unknown sweep or config fields,
       values of the wrong type, configs that `config.validate` rejects, duplicate names.
   """
   unknown = sorted(set(sweep_config.keys()) - set(SWEEP_FIELDS))
   missing = [f for f in ("base", "points") if f not in sweep_config]
   if unknown or missing:
-    raise ValueError(f"a sweep config has the fields {', '.join(SWEEP_FIELDS)}; unknown: "
-                     f"{unknown or 'none'}, missing: {missing or 'none'}")
+    raise config_lib.ConfigError(
+        f"a sweep config has the fields {', '.join(SWEEP_FIELDS)}; unknown: "
+        f"{unknown or 'none'}, missing: {missing or 'none'}")
   path, _, base_arg = sweep_config.base.partition(":")
   get_config = _load_get_config(path)
   fixed = sweep_config.get("fixed") or {}
@@ -186,7 +199,7 @@ def expand(sweep_config: ml_collections.ConfigDict) -> list[Point]:
   if not sweep_config.points:
     errors.append("the sweep has no points")
   if errors:
-    raise ValueError("invalid sweep:\n  " + "\n  ".join(errors))
+    raise config_lib.ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
   return points
 
 
@@ -237,8 +250,9 @@ def _load_get_config(path: str) -> Callable[..., ml_collections.ConfigDict]:
   """The `get_config` of a config file, loaded the way ml_collections.config_flags does."""
   resolved = next((p for p in (path, os.path.join(_REPO_ROOT, path)) if os.path.isfile(p)), None)
   if resolved is None:
-    raise ValueError(f"base config file {path!r} not found (relative paths are read from the "
-                     f"current directory, then from {_REPO_ROOT})")
+    raise config_lib.ConfigError(
+        f"base config file {path!r} not found (relative paths are read from the current "
+        f"directory, then from {_REPO_ROOT})")
   spec = importlib.util.spec_from_file_location("sweep_base_config", resolved)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -249,42 +263,61 @@ def _load_get_config(path: str) -> Callable[..., ml_collections.ConfigDict]:
 
 def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
               run_fn: RunFn | None = None, point_index: int | None = None, parallel: int = 1,
-              devices: Sequence[str] = ()) -> list[dict]:
+              devices: Sequence[str] = (), lock_timeout_s: float = 0.0) -> list[dict]:
   """Runs the sweep's unfinished points, then writes and returns the results table.
+
+  SIGTERM or SIGINT stops the sweep the way it stops a run: the points in flight checkpoint and
+  record status "preempted" (parallel workers are sent SIGTERM), no new point starts, and the
+  table is written; running the sweep again resumes them.
 
   Args:
     sweep_config: see the module docstring.
-    workdir: the sweep's directory; point i runs in workdir/<its name>.
+    workdir: the sweep's directory; point i runs in workdir/<its name>. A whole sweep (no
+      point_index) locks it: a second one there is refused.
     run_fn: runs one point, `(config, workdir) -> summary dict`; default
       `train.train_and_evaluate`. Only in-process: not with parallel > 1.
     point_index: run this point only (a cluster array task); None runs them all.
     parallel: points run at once, each in its own process.
     devices: GPU ids handed out to those processes, in turn.
+    lock_timeout_s: how long a point waits for its workdir while another process holds it.
 
   Returns:
     One dict per point, in sweep order: name, the fields, then SUMMARY_COLUMNS.
   """
   points = expand(sweep_config)
   if point_index is not None and not 0 <= point_index < len(points):
-    raise ValueError(f"point_index must be in [0, {len(points) - 1}]; got {point_index}")
+    raise config_lib.ConfigError(
+        f"point_index must be in [0, {len(points) - 1}]; got {point_index}")
   if parallel < 1 or parallel > 1 and run_fn is not None:
-    raise ValueError(f"parallel must be >= 1, and 1 with a run_fn; got {parallel}")
-  os.makedirs(workdir, exist_ok=True)
-  reporting.write_text_atomic(os.path.join(workdir, SWEEP_FILE),
-                              sweep_config.to_json(indent=2) + "\n")
-  selected = points if point_index is None else [points[point_index]]
-  todo = []
-  for point in selected:
-    if is_finished(read_summary(_point_dir(workdir, point)), point.config):
-      logging.info("point %d %s: finished, skipped", point.index, point.name)
-    else:
-      todo.append(point)
-  if parallel > 1:
-    _run_in_processes(todo, workdir, parallel, list(devices))
+    raise config_lib.ConfigError(f"parallel must be >= 1, and 1 with a run_fn; got {parallel}")
+  sweep_lock = lock.WorkdirLock(workdir)
+  if point_index is None:
+    sweep_lock.acquire()  # Array tasks share the sweep's directory; whole sweeps do not.
   else:
-    for point in todo:
-      run_point(point, workdir, run_fn or _train_and_evaluate)
-  return write_results(points, workdir)
+    os.makedirs(workdir, exist_ok=True)
+  try:
+    reporting.write_text_atomic(os.path.join(workdir, SWEEP_FILE),
+                                sweep_config.to_json(indent=2) + "\n")
+    selected = points if point_index is None else [points[point_index]]
+    todo = []
+    for point in selected:
+      if is_finished(read_summary(_point_dir(workdir, point)), point.config):
+        _say(point, "finished, skipped")
+      else:
+        todo.append(point)
+    if parallel > 1:
+      _run_in_processes(todo, workdir, parallel, list(devices))
+    else:
+      run_fn = run_fn or functools.partial(_train_and_evaluate, lock_timeout_s=lock_timeout_s)
+      with preemption.StopRequest() as stop:
+        for point in todo:
+          if stop.requested(0):
+            break
+          if run_point(point, workdir, run_fn)["status"] == "preempted":
+            stop.request("the preempted point")
+    return write_results(points, workdir)
+  finally:
+    sweep_lock.release()
 
 
 def is_finished(summary: dict | None, config: ml_collections.ConfigDict) -> bool:
@@ -296,64 +329,124 @@ def is_finished(summary: dict | None, config: ml_collections.ConfigDict) -> bool
 
 
 def run_point(point: Point, workdir: str, run_fn: RunFn) -> dict:
-  """Runs one point in its sub-workdir; a failure is recorded in its summary, not raised."""
+  """Runs one point in its sub-workdir; a failure is recorded in its summary, not raised.
+
+  A point whose workdir another process holds is left to it (status "started", no summary).
+  """
   point_dir = _point_dir(workdir, point)
   _clear_summary(point_dir)
   os.makedirs(point_dir, exist_ok=True)
-  logging.info("point %d %s: running in %s", point.index, point.name, point_dir)
+  _say(point, f"running in {point_dir}")
   try:
     summary = run_fn(point.config, point_dir)
+  except lock.WorkdirError as e:
+    reporting.warn(f"point {point.index} {point.name} skipped: {e}")
+    return {"status": "started", "message": str(e)}
   except Exception as e:  # pylint: disable=broad-except  # One point must not stop the sweep.
-    logging.exception("point %d %s failed", point.index, point.name)
+    logging.exception("point %d %s failed", point.index, point.name)  # --verbosity=-2 shows it.
+    reporting.warn(f"point {point.index} {point.name} failed: {type(e).__name__}: "
+                   f"{cli.one_line(str(e))[:300]}")
     # train_and_evaluate writes its own summary before re-raising, unless it failed too early.
     summary = read_summary(point_dir) or _failed_summary(f"{type(e).__name__}: {e}")
   if read_summary(point_dir) is None:
     reporting.write_json_atomic(os.path.join(point_dir, reporting.SUMMARY_FILE), summary)
-  logging.info("point %d %s: %s", point.index, point.name, summary["status"])
+  _say(point, summary["status"])
   return summary
+
+
+def _say(point: Point, what: str) -> None:
+  print(f"point {point.index} {point.name}: {what}", flush=True)
+
+
+# A parallel sweep's workers wait this long for a point whose previous worker is still stopping.
+WORKER_LOCK_TIMEOUT_S = 120
+_PARENT_ENV = "RESNET_JAX_SWEEP_PARENT"  # The parent's PID, in a parallel sweep's workers.
 
 
 def worker_command(workdir: str, index: int) -> list[str]:
   """The command a parallel sweep runs for point `index` of the sweep saved in `workdir`."""
   return [sys.executable, "-m", "resnet_jax.sweep", f"--workdir={workdir}",
-          f"--point_index={index}"]
+          f"--point_index={index}", f"--lock_timeout_s={WORKER_LOCK_TIMEOUT_S}"]
 
 
 def _run_in_processes(points: list[Point], workdir: str, parallel: int,
                       devices: list[str]) -> None:
+  """Runs the points in up to `parallel` worker processes; SIGTERM/SIGINT is passed on to them."""
   slots: queue.SimpleQueue[int] = queue.SimpleQueue()
   for slot in range(parallel):
     slots.put(slot)
+  running: dict[int, subprocess.Popen] = {}
+  guard = threading.Lock()
+
+  def forward_stop() -> None:
+    with guard:
+      for process in running.values():
+        with contextlib.suppress(ProcessLookupError):
+          process.send_signal(signal.SIGTERM)
 
   def run(point: Point) -> None:
-    point_dir = _point_dir(workdir, point)
-    # Cleared here too: a worker that dies before starting must not leave an old summary.
-    _clear_summary(point_dir)
-    os.makedirs(point_dir, exist_ok=True)
-    log_path = os.path.join(point_dir, WORKER_LOG)
     slot = slots.get()
-    env = dict(os.environ)
-    if devices:
-      env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
     try:
-      logging.info("point %d %s: started in a worker process", point.index, point.name)
-      with open(log_path, "a") as log:
-        code = subprocess.run(worker_command(workdir, point.index), env=env, stdout=log,
-                              stderr=subprocess.STDOUT, check=False).returncode
+      code = run_worker(point, slot)
     finally:
       slots.put(slot)
-    if read_summary(point_dir) is None:
+    point_dir = _point_dir(workdir, point)
+    log_path = os.path.join(point_dir, WORKER_LOG)
+    if code is None:  # Not started: the sweep was stopped first.
+      return
+    if code == cli.EXIT_USAGE:
+      reporting.warn(f"point {point.index} {point.name} was not run; see {log_path}")
+    elif read_summary(point_dir) is None:
       reporting.write_json_atomic(
           os.path.join(point_dir, reporting.SUMMARY_FILE),
           _failed_summary(f"worker process exited with code {code}; see {log_path}"))
 
-  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    list(pool.map(run, points))
+  def run_worker(point: Point, slot: int) -> int | None:
+    """The worker's exit code, or None if the sweep was stopped before it started."""
+    point_dir = _point_dir(workdir, point)
+    env = dict(os.environ, **{_PARENT_ENV: str(os.getpid())})
+    if devices:
+      env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    with guard:  # A stop request either comes first, or finds this worker to signal.
+      if stop.requested(0):
+        return None
+      # Cleared here too: a worker that dies before starting must not leave an old summary.
+      _clear_summary(point_dir)
+      os.makedirs(point_dir, exist_ok=True)
+      log_path = os.path.join(point_dir, WORKER_LOG)
+      _say(point, f"running in a worker process, output in {log_path}")
+      with open(log_path, "a") as log:
+        running[point.index] = subprocess.Popen(worker_command(workdir, point.index), env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)
+    code = running[point.index].wait()
+    with guard:
+      del running[point.index]
+    return code
+
+  with preemption.StopRequest(on_request=forward_stop) as stop:
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      list(pool.map(run, points))
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _stop_with_parent() -> None:
+  """In a parallel sweep's worker: SIGTERM when the parent dies, so none is left orphaned.
+
+  Linux's PR_SET_PDEATHSIG; the worker then stops like any run sent SIGTERM (checkpointed,
+  "preempted"), and the next sweep resumes it. Elsewhere this does nothing.
+  """
+  parent = os.environ.get(_PARENT_ENV)
+  if parent is None or not sys.platform.startswith("linux"):
+    return
+  pr_set_pdeathsig = 1
+  ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+  if os.getppid() != int(parent):  # The parent died before prctl took effect.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        lock_timeout_s: float = 0.0) -> dict:
   from resnet_jax import train  # Late: --list, --report and a parallel parent never train.
-  return train.train_and_evaluate(config, workdir)
+  return train.train_and_evaluate(config, workdir, lock_timeout_s=lock_timeout_s)
 
 
 def _failed_summary(message: str) -> dict:
@@ -377,7 +470,7 @@ def load_sweep(workdir: str) -> ml_collections.ConfigDict:
   """The sweep config an earlier run saved in `workdir`."""
   path = os.path.join(workdir, SWEEP_FILE)
   if not os.path.exists(path):
-    raise ValueError(f"{path} not found: pass --config=configs/sweeps/<name>.py")
+    raise config_lib.ConfigError(f"{path} not found: pass --config=configs/sweeps/<name>.py")
   with open(path) as f:
     # Field order matters (it names the points), and json keeps it.
     return ml_collections.ConfigDict(json.load(f))
@@ -457,9 +550,9 @@ def _number(value, fmt: str) -> str:
 # --- Command line ---
 
 def _define_flags() -> None:
-  config_flags.DEFINE_config_file(
+  cli.define_config_file(
       "config", None, "The sweep file, configs/sweeps/<name>.py; may be left out once the "
-      "workdir holds sweep.json.", lock_config=True)
+      "workdir holds sweep.json.")
   flags.DEFINE_string("workdir", None, "The sweep's directory.", required=True)
   flags.DEFINE_bool("list", False, "Print 'index name' per point and exit.")
   flags.DEFINE_integer("point_index", None, "Run only this point.")
@@ -467,34 +560,45 @@ def _define_flags() -> None:
   flags.DEFINE_list("devices", [], "GPU ids handed to the parallel processes in turn.")
   flags.DEFINE_bool("report", False, "Rewrite results.csv and print it; run nothing.")
   flags.DEFINE_bool("plot", False, "As --report, and write the figures.")
+  flags.DEFINE_float("lock_timeout_s", 0.0, "Seconds a point waits for its workdir while "
+                     "another process holds it.")
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # cli.run refuses positional arguments.
   args = flags.FLAGS
-  sweep_config = args.config if args.config is not None else load_sweep(args.workdir)
+  if args.point_index is not None:
+    _stop_with_parent()
+  sweep_config = (cli.load_config(flags.FLAGS["config"]) if args.config is not None
+                  else load_sweep(args.workdir))
   if args.list:
     for point in expand(sweep_config):
       print(point.index, point.name)
-    return 0
+    return cli.EXIT_OK
   if args.report or args.plot:
     points = expand(sweep_config)
     rows = write_results(points, args.workdir)
   else:
     rows = run_sweep(sweep_config, args.workdir, point_index=args.point_index,
-                     parallel=args.parallel, devices=args.devices)
+                     parallel=args.parallel, devices=args.devices,
+                     lock_timeout_s=args.lock_timeout_s)
+  if args.point_index is not None:  # A worker or array task: its point's outcome is the code.
+    return (cli.EXIT_PREEMPTED if rows[args.point_index]["status"] == "preempted"
+            else cli.EXIT_OK)
   print(format_table(rows))
   print(f"results: {os.path.join(args.workdir, RESULTS_FILE)}")
   if args.plot:
     for path in plots.write_sweep_figures(load_runs(points, args.workdir), args.workdir,
                                           dataset=points[0].config.dataset.name):
       print(f"wrote {path}")
-  return 0
+  if any(row["status"] == "preempted" for row in rows):
+    print("sweep preempted: run the same command again to resume it", file=sys.stderr)
+    return cli.EXIT_PREEMPTED
+  return cli.EXIT_OK
 
 
 if __name__ == "__main__":
   # Defined here, not on import: the files in configs/sweeps import this module for `axis` and
   # `product` while it runs as __main__, and a second --config would clash with the first.
   _define_flags()
-  app.run(main)
+  cli.run(main)

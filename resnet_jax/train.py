@@ -10,7 +10,9 @@ step gathers its batch by index, augments it and trains, so no image crosses the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import time
 from typing import Any, Callable
@@ -21,9 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoints, data, diagnostics, models, optim, parallel, reporting
+from resnet_jax import checkpoints, data, diagnostics, models, optim, parallel, preemption
 from resnet_jax import config as config_lib
+from resnet_jax import lock as lock_lib
+from resnet_jax import reporting
 
 AUGMENT_STREAM = 2**31 - 1  # fold_in tag of the augmentation keys; epochs never reach it.
 
@@ -261,25 +266,58 @@ def _abstract_state(create_state: Callable[[], TrainState], sharding) -> TrainSt
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def _previous_best(workdir: str) -> float:
-  """The best test error logged by earlier parts of a resumed run (inf if none)."""
-  errors = [e["test_error"] for e in reporting.read_metrics(workdir) if e["event"] == "eval"]
-  return min(errors, default=float("inf"))
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       lock_timeout_s: float = 0.0) -> dict:
   """Trains and evaluates one run described by `config`; resumes from `workdir` if it can.
 
-  Returns the summary it writes to `workdir/summary.json`: status ("completed", "diverged" or
-  "failed"), message, step, train_loss, train_error, test_error, best_test_error (errors are
-  fractions), wall_time_s and num_params. Bad configs, missing datasets and checkpoints that do
-  not match raise before anything in `workdir` is written.
+  Returns the summary it writes to `workdir/summary.json`: status ("completed", "diverged",
+  "preempted": stopped by SIGTERM or SIGINT with its last step checkpointed, or "failed"),
+  message, step, train_loss, train_error, test_error, best_test_error (errors are fractions),
+  wall_time_s (over every segment of a resumed run) and num_params. A run that has completed is
+  not run again: its summary is returned and nothing is written.
+
+  Raises, before anything in `workdir` is written: config.ConfigError (a bad config),
+  data.DatasetNotPreparedError, lock.WorkdirError (another process holds the workdir, even
+  after waiting `lock_timeout_s`; or it is a file or not writable),
+  checkpoints.CheckpointMismatchError and checkpoints.NoUsableCheckpointError.
   """
   # --- Validate everything that can be checked before any work. ---
   config_lib.validate(config, num_devices=jax.device_count())
   data.check_prepared(config.dataset)
   info = data.dataset_info(config.dataset)
   config_lib.validate(config, num_devices=jax.device_count(), train_size=info.num_train)
+
+  # --- One writer per workdir: a second run there stops here. ---
+  lock = _lock_workdir(workdir, lock_timeout_s)
+  try:
+    return _run(config, workdir, info)
+  finally:
+    if lock is not None:
+      lock.release(remove_new_workdir=True)  # A run refused before its start leaves no trace.
+
+
+def _lock_workdir(workdir: str, timeout_s: float) -> lock_lib.WorkdirLock | None:
+  """Process 0 locks the workdir (the others get None); every process learns if it could."""
+  lock, error = None, ""
+  if jax.process_index() == 0:
+    lock = lock_lib.WorkdirLock(workdir)
+    try:
+      lock.acquire(timeout_s=timeout_s)
+    except lock_lib.WorkdirError as e:
+      lock, error = None, str(e)
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(bool(error))) and not error:
+      error = f"workdir {workdir} cannot be used; process 0 says why"
+  if error:
+    raise lock_lib.WorkdirError(error)
+  return lock
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, info: data.DatasetInfo) -> dict:
+  """The run itself, with the workdir locked."""
+  done = _completed_summary(workdir, config)
+  if done is not None:
+    return done  # Running a finished run again changes nothing.
   steps_per_epoch = max(info.num_train // config.batch_size, 1)
   is_writer = jax.process_index() == 0
 
@@ -298,55 +336,138 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   input_cls = _StreamInput if config.dataset.name in data.STREAMED else _InMemoryInput
   inputs = input_cls(config, info, mesh, train_fn, eval_fn)
 
-  # --- State: fresh, or the latest checkpoint if the config matches it. ---
+  # --- State: fresh, or the newest intact checkpoint if the config matches it. ---
   create_state = functools.partial(create_train_state, model, tx, seed=config.seed,
                                    image_shape=info.image_shape)
-  manager = checkpoints.create_manager(os.path.join(workdir, "checkpoints"),
-                                       keep=config.keep_checkpoints)
-  restored = checkpoints.restore_latest(manager, _abstract_state(create_state, replicated),
-                                        config, inputs.restore_args())
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  restored = checkpoints.restore_latest(checkpoint_dir,
+                                        _abstract_state(create_state, replicated), config,
+                                        inputs.restore_args())
   if restored is None:
-    state = jax.jit(create_state, out_shardings=replicated)()
-    first_step = 0
+    state, first_step, wall_time_s = jax.jit(create_state, out_shardings=replicated)(), 0, 0.0
   else:
-    first_step, state = restored
+    state, first_step, wall_time_s = restored.state, restored.step, restored.wall_time_s
+  num_params = count_params(state.params)
+  if first_step >= config.num_steps:  # Trained already: its records say how it ended.
+    return _finished_summary(config, workdir, first_step, wall_time_s, num_params,
+                             info.num_train, evaluate=lambda: inputs.evaluate(state))
 
   # --- From here on the workdir is written. ---
   if is_writer:
-    os.makedirs(workdir, exist_ok=True)
     reporting.write_json_atomic(os.path.join(workdir, reporting.CONFIG_FILE), config.to_dict())
     reporting.truncate_metrics(workdir, first_step)
-  # What summary.json says if the loop ends early, e.g. on Ctrl-C: the next start resumes.
-  summary = {"status": "failed", "message": "interrupted before the end", "step": first_step,
+    _remove(os.path.join(workdir, reporting.SUMMARY_FILE))  # Stale until this segment ends.
+  saver = checkpoints.Saver(checkpoint_dir, keep=config.keep_checkpoints)
+  # What summary.json says if the loop ends early; the loop keeps step and losses current.
+  summary = {"status": "failed", "message": "stopped before the end", "step": first_step,
              "train_loss": float("nan"), "train_error": float("nan"),
              "test_error": float("nan"), "best_test_error": float("nan"),
-             "wall_time_s": 0.0, "num_params": count_params(state.params)}
+             "wall_time_s": wall_time_s, "num_params": num_params}
   reporter = reporting.Reporter(workdir, num_steps=config.num_steps, first_step=first_step,
-                                enabled=is_writer, progress_bar=config.progress_bar)
-  try:
-    summary.update(_train_loop(config, workdir, state, first_step, inputs, manager, reporter,
-                               mesh, info.num_train, best=_previous_best(workdir)))
-  except Exception as e:
-    summary["message"] = f"{type(e).__name__}: {e}"
-    raise
-  finally:
-    manager.wait_until_finished()
-    summary["wall_time_s"] = round(reporter.wall_time(), 3)
-    reporter.close()
-    if is_writer:
-      reporting.write_json_atomic(os.path.join(workdir, reporting.SUMMARY_FILE), summary)
+                                enabled=is_writer, progress_bar=config.progress_bar,
+                                wall_time_s=wall_time_s)
+  best = _best_test_error(reporting.read_metrics(workdir)) if is_writer else float("inf")
+  # Signals only set a flag from here until the last save has completed.
+  with preemption.StopRequest(synced=jax.process_count() > 1) as stop:
+    try:
+      _train_loop(config, workdir, state, first_step, inputs, saver, reporter, mesh,
+                  info.num_train, best=best, stop=stop, out=summary)
+      saver.wait()  # A failed final save surfaces here.
+    except BaseException as e:
+      summary.update(status="failed", message=f"{type(e).__name__}: {e}")
+      _close_quietly(saver, reporter)
+      raise
+    else:
+      saver.close()
+      reporter.close()
+    finally:
+      summary["wall_time_s"] = round(reporter.wall_time(), 3)
+      if is_writer:
+        try:
+          reporting.write_json_atomic(os.path.join(workdir, reporting.SUMMARY_FILE), summary)
+        except OSError as e:  # A full disk, say: the error in flight matters more.
+          reporting.warn(f"could not write {reporting.SUMMARY_FILE}: {e}")
   return summary
 
 
-def _train_loop(config, workdir, state, first_step, inputs, manager, reporter, mesh,
-                num_train, best) -> dict:
-  """Runs steps first_step+1..num_steps; returns the summary fields it determined.
+def _close_quietly(saver: checkpoints.Saver, reporter: reporting.Reporter) -> None:
+  """Closes both after a failure, whose error is the one to report: a save in flight finishes
+  (or fails again, as on a full disk), and closing may fail for the same cause."""
+  for close in (saver.wait, saver.close, reporter.close):
+    with contextlib.suppress(Exception):
+      close()
 
-  `best` is the best test error of earlier, interrupted parts of this run (inf if none).
+
+def _remove(path: str) -> None:
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def _best_test_error(events: list[dict]) -> float:
+  """The best test error among logged evaluations (inf if none)."""
+  return min((e["test_error"] for e in events if e["event"] == "eval"), default=float("inf"))
+
+
+def _completed_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+  """summary.json of this run if it completed, at its newest checkpoint, at least num_steps
+  steps under a config that only differs in bookkeeping; else None (and the run goes on)."""
+  newest = checkpoints.steps(os.path.join(workdir, "checkpoints"))
+  paths = [os.path.join(workdir, name) for name in (reporting.SUMMARY_FILE,
+                                                    reporting.CONFIG_FILE)]
+  if not newest or not all(os.path.exists(path) for path in paths):
+    return None
+  summary, stored_config = (_read_json(path) for path in paths)
+  if (summary.get("status") == "completed" and summary.get("step") == newest[0]
+      and newest[0] >= config.num_steps
+      and not checkpoints.config_mismatches(stored_config, config)):
+    return summary
+  return None
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _finished_summary(config, workdir: str, step: int, wall_time_s: float, num_params: int,
+                      num_train: int, evaluate: Callable[[], dict]) -> dict:
+  """The summary of a run restored at or past num_steps whose summary.json does not say so.
+
+  The process died between its final checkpoint and its summary: the summary is rebuilt from
+  metrics.jsonl, evaluating the network only if that final evaluation was never logged.
   """
-  out: dict[str, Any] = {}
+  events = reporting.read_metrics(workdir)
+  train = [e for e in events if e["event"] == "train" and e["step"] == step]
+  evals = [e for e in events if e["event"] == "eval" and e["step"] == step]
+  if not evals:
+    m = evaluate()
+    event = {"event": "eval", "step": step, "epoch": round(step * config.batch_size / num_train, 4),
+             "test_loss": float(m["loss"] / m["count"]),
+             "test_error": float(m["errors"] / m["count"]), "wall_time_s": wall_time_s}
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, reporting.METRICS_FILE), "a") as f:
+        f.write(json.dumps(event) + "\n")
+    events.append(event)
+    evals = [event]
+  summary = {"status": "completed", "message": "finished", "step": step,
+             "train_loss": train[-1]["loss"] if train else float("nan"),
+             "train_error": train[-1]["train_error"] if train else float("nan"),
+             "test_error": evals[-1]["test_error"], "best_test_error": _best_test_error(events),
+             "wall_time_s": round(wall_time_s, 3), "num_params": num_params}
+  if jax.process_index() == 0:
+    reporting.write_json_atomic(os.path.join(workdir, reporting.SUMMARY_FILE), summary)
+  return summary
+
+
+def _train_loop(config, workdir, state, first_step, inputs, saver, reporter, mesh, num_train,
+                *, best: float, stop: preemption.StopRequest, out: dict) -> None:
+  """Runs steps first_step+1..num_steps, keeping the summary fields in `out` current.
+
+  `best` is the best test error of earlier, interrupted parts of this run (inf if none). Stops
+  after the step in flight when `stop` is requested, with that step logged and checkpointed.
+  """
   totals = _zero_totals(mesh)
-  compile_s = inputs.compile(state, totals) if first_step < config.num_steps else 0.0
+  compile_s = inputs.compile(state, totals)
   epoch = lambda step: round(step * config.batch_size / num_train, 4)
   mark_step, mark_time = first_step, time.time()
 
@@ -355,6 +476,7 @@ def _train_loop(config, workdir, state, first_step, inputs, manager, reporter, m
     m = inputs.evaluate(state)
     out["test_error"] = float(m["errors"] / m["count"])
     best = min(best, out["test_error"])
+    out["best_test_error"] = best
     reporter.write({"event": "eval", "step": step, "epoch": epoch(step),
                     "test_loss": float(m["loss"] / m["count"]), "test_error": out["test_error"],
                     "wall_time_s": round(reporter.wall_time(), 3)})
@@ -364,6 +486,7 @@ def _train_loop(config, workdir, state, first_step, inputs, manager, reporter, m
       jax.profiler.start_trace(os.path.join(workdir, "profile"))
     diag_now = bool(config.diagnostics_every) and (step - 1) % config.diagnostics_every == 0
     state, totals, diag = inputs.train(state, totals, with_diagnostics=diag_now)
+    out["step"] = step
     if config.profile_steps and step == first_step + 1 + config.profile_steps:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
@@ -373,20 +496,22 @@ def _train_loop(config, workdir, state, first_step, inputs, manager, reporter, m
                          for kind, values in parallel.to_host(diag).items()}})
 
     last = step == config.num_steps
-    log_now = step % config.log_every == 0 or last
-    ckpt_now = last or bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-    eval_now = last or bool(config.eval_every) and step % config.eval_every == 0
+    stop_now = not last and stop.requested(step)  # Every process asks at every step.
+    log_now = step % config.log_every == 0 or last or stop_now
+    ckpt_now = (last or stop_now
+                or bool(config.checkpoint_every) and step % config.checkpoint_every == 0)
+    eval_now = last or bool(config.eval_every) and step % config.eval_every == 0 and not stop_now
     if not (log_now or ckpt_now or eval_now):
       continue
     t = parallel.to_host(totals)  # The only host sync between log points.
     if t["nonfinite"]:
-      out.update(status="diverged", step=step, message=(
+      out.update(status="diverged", message=(
           f"loss became NaN/Inf at or before step {step} (lr={_lr(state):.4g}); stopped. "
           "Lower config.optimizer.lr, add warmup or set config.optimizer.grad_clip_norm."))
-      return out
+      return
     if log_now:
       seconds = time.time() - mark_time
-      out.update(step=step, train_loss=float(t["loss"] / t["count"]),
+      out.update(train_loss=float(t["loss"] / t["count"]),
                  train_error=float(t["errors"] / t["count"]))
       event = {"event": "train", "step": step, "epoch": epoch(step), "loss": out["train_loss"],
                "train_error": out["train_error"], "lr": _lr(state),
@@ -400,14 +525,17 @@ def _train_loop(config, workdir, state, first_step, inputs, manager, reporter, m
     if eval_now:
       evaluate(step)
     if ckpt_now:
-      checkpoints.save(manager, step, state, config, inputs.checkpoint_args())
+      saver.save(step, state, config, wall_time_s=reporter.wall_time(),
+                 extra_items=inputs.checkpoint_args())
+    if stop_now:
+      out.update(status="preempted", message=(
+          f"stopped by {stop.signal_name} after step {step}, checkpointed; run the same "
+          "command again to resume"))
+      return
     mark_time = time.time()  # Throughput counts training time only.
 
-  if first_step >= config.num_steps:
-    evaluate(first_step)
   out.update(status="completed", message="finished",
              best_test_error=best if np.isfinite(best) else float("nan"))
-  return out
 
 
 def _lr(state: TrainState) -> float:

@@ -1,7 +1,10 @@
-"""Gives every test process 8 CPU devices, so sharding tests run on a real (host) mesh.
+"""Gives every test process 8 CPU devices, so sharding tests run on a real (host) mesh, and one
+persistent compilation cache, so that the many tiny runs (in-process and in subprocesses, which
+inherit the environment) compile each program once.
 
-XLA reads XLA_FLAGS once, when jax first initialises its backends; pytest imports this file
-before any test module, hence before jax.
+XLA reads XLA_FLAGS once, when jax first initialises its backends, and jax reads its JAX_*
+variables when it is imported; pytest imports this file before any test module, hence first.
+A cached executable is the program a fresh compilation makes, so bitwise comparisons hold.
 """
 
 import os
@@ -9,6 +12,10 @@ import os
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"))
+# Orbax's saves compile dozens of small programs too; they are worth caching here.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # pylint: disable=g-import-not-at-top

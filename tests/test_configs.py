@@ -1,11 +1,10 @@
-"""The config files, their arguments, validation and the command line's handling of bad input."""
+"""The config files, their arguments and validation (the command line's handling of bad input:
+tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -95,20 +94,23 @@ def test_boundaries_past_the_end_of_the_run_are_rejected():
     config_lib.validate(config)
 
 
-def _main(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, "-m", "resnet_jax.main", "--config=configs/fashion_mnist.py",
-       f"--workdir={tmp_path / 'run'}", *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_infinite_or_nan_hyperparameters_are_rejected():
+  config = config_lib.default_config()
+  config.optimizer.lr = float("inf")
+  config.optimizer.weight_decay = float("nan")
+  config.optimizer.momentum = float("nan")
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  assert "config.optimizer.lr must be finite and > 0; got inf" in message
+  assert "config.optimizer.weight_decay must be finite and >= 0; got nan" in message
+  assert "config.optimizer.momentum must be in [0, 1); got nan" in message
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.optimizer.learning_rate=0.1", "learning_rate"),
-    ("--config.batch_size=big", "big"),
-    ("--config.model.name=resnet21", "CIFAR ResNet depth must be 6n+2"),
-])
-def test_command_line_rejects_bad_config_before_any_work(tmp_path, flag, message):
-  result = _main(tmp_path, flag)
-  assert result.returncode != 0
-  assert message in result.stderr
-  assert not (tmp_path / "run").exists()
+def test_batch_larger_than_the_train_split_is_rejected_once_its_size_is_known():
+  config = config_lib.default_config()
+  config.batch_size = 1024
+  config_lib.validate(config, train_size=1024)
+  with pytest.raises(config_lib.ConfigError, match=r"batch_size \(1024\) must be at most the "
+                     r"1,000 examples of config.dataset.train_split 'train'"):
+    config_lib.validate(config, train_size=1000)

@@ -10,13 +10,16 @@ import concurrent.futures
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import ml_collections
 import pytest
 
-from resnet_jax import diagnostics, optim, reporting, sweep
+from resnet_jax import diagnostics, lock, optim, reporting, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -279,6 +282,27 @@ def test_point_index_out_of_range_is_rejected(tmp_path):
                     point_index=2)
 
 
+def test_a_second_whole_sweep_on_the_same_workdir_is_refused(tmp_path):
+  config = make_sweep(sweep.axis("depth", [20]))
+  with lock.WorkdirLock(str(tmp_path)):
+    with pytest.raises(lock.WorkdirError, match=f"in use by pid {os.getpid()}"):
+      sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+
+
+def test_sigterm_between_points_stops_the_sweep_before_the_next(tmp_path):
+  class SignalledRun(FakeRun):
+    def __call__(self, config, workdir):
+      summary = super().__call__(config, workdir)
+      os.kill(os.getpid(), signal.SIGTERM)  # Arrives while the sweep's own handler is on.
+      return summary
+
+  fake = SignalledRun()
+  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), run_fn=fake)
+  assert called_names(fake) == ["depth=20"]
+  assert [r["status"] for r in rows] == ["completed", "pending"]
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The sweep's handler is gone.
+
+
 # --- Results ---
 
 def test_results_csv_has_one_row_per_point_with_fields_and_results(tmp_path):
@@ -343,6 +367,39 @@ def test_parallel_worker_that_crashes_is_recorded_as_failed(tmp_path, monkeypatc
   assert rows[0]["message"].startswith("worker process exited with code 9; see ")
 
 
+STOPPABLE_WORKER = """
+import json, os, signal, sys, time
+workdir, index = sys.argv[1], int(sys.argv[2])
+name = sorted(d for d in os.listdir(workdir) if "=" in d)[index]
+def record(status, code):
+  with open(os.path.join(workdir, name, "summary.json"), "w") as f:
+    json.dump({"status": status, "step": 7, "message": "stopped"}, f)
+  sys.exit(code)
+signal.signal(signal.SIGTERM, lambda *_: record("preempted", 75))
+open(os.path.join(workdir, name, "started"), "w").close()
+time.sleep(120)
+record("completed", 0)
+"""
+
+
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_starts_no_more(tmp_path, monkeypatch):
+  fake_worker(monkeypatch, STOPPABLE_WORKER)
+  config = make_sweep(sweep.axis("depth", [20, 32, 44]))
+  started = [tmp_path / name / "started" for name in ("depth=20", "depth=32")]
+
+  def preempt_once_both_run():
+    while not all(path.exists() for path in started):
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=preempt_once_both_run, daemon=True).start()
+  begin = time.time()
+  rows = sweep.run_sweep(config, str(tmp_path), parallel=2)
+  assert time.time() - begin < 60  # Not the workers' 120 s: they were stopped.
+  assert [r["status"] for r in rows] == ["preempted", "preempted", "pending"]
+  assert not (tmp_path / "depth=44").exists()
+
+
 # --- Command line ---
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -367,6 +424,41 @@ def test_report_reprints_a_finished_sweep_from_its_workdir_alone(tmp_path):
   assert [line.split()[:3] for line in out.stdout.splitlines()[1:3]] == [
       ["depth=20", "20", "completed"], ["depth=56", "56", "completed"]]
   assert (tmp_path / "results.csv").exists()
+
+
+def test_killed_parallel_sweep_leaves_no_worker_training(prepared_data_dir, tmp_path):
+  # kill -9 of the parent: its workers get SIGTERM from the kernel and stop, checkpointed.
+  sweep_file = tmp_path / "sweep.py"
+  sweep_file.write_text(
+      "import ml_collections\nfrom resnet_jax import sweep\n"
+      "def get_config():\n"
+      "  return ml_collections.ConfigDict({'base': 'configs/fashion_mnist.py', 'fixed': {\n"
+      f"      'dataset': {{'data_dir': {prepared_data_dir!r}, 'eval_split': 'test[:64]'}},\n"
+      "      'batch_size': 16, 'eval_batch_size': 32, 'num_steps': 2000, 'log_every': 1,\n"
+      # The program of tests/test_faults.py's runs: its compilation is cached.
+      "      'optimizer': {'warmup_steps': 0, 'schedule': 'constant'}, 'progress_bar': False},\n"
+      "      'points': sweep.axis('seed', [0, 1])})\n")
+  workdir = tmp_path / "runs"
+  parent = subprocess.Popen([sys.executable, "-m", "resnet_jax.sweep", f"--config={sweep_file}",
+                             f"--workdir={workdir}", "--parallel=2"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  points = [workdir / "seed=0", workdir / "seed=1"]
+  deadline = time.time() + 300
+  while not all(reporting.read_metrics(str(p)) for p in points):
+    assert time.time() < deadline and parent.poll() is None
+    time.sleep(0.1)
+  workers = [json.loads((p / lock.LOCK_FILE).read_text())["pid"] for p in points]
+  parent.kill()
+  parent.wait()
+
+  for pid in workers:  # Gone (not merely orphaned), within a step and a checkpoint.
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+      time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its sweep"
+  for point in points:
+    summary = json.loads((point / "summary.json").read_text())
+    assert summary["status"] == "preempted" and 0 < summary["step"] < 2000
+    assert os.path.isdir(point / "checkpoints" / str(summary["step"]))
 
 
 def test_bad_sweep_file_fails_with_its_message(tmp_path):

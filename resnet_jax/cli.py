@@ -1,0 +1,172 @@
+"""What every resnet_jax command has in common: quiet logs, one-line errors, exit codes.
+
+- A run prints its own lines only. absl raises the log verbosity to INFO unless `--verbosity` is
+  given, which lets Orbax, TFDS and JAX log every step of their work (100-900 lines a run) and
+  Orbax log a traceback for every error it then raises; here only fatal log lines show, and
+  `--verbosity=0` brings the libraries' logs back (-1: warnings, -2: errors).
+- A full disk is one line `error: disk full: ...` and exit code 1; summary.json says `failed`
+  with the cause, and the same command resumes once there is space.
+- Bad input (an unknown flag, a config file that is missing or broken, a config `validate`
+  rejects, an unprepared dataset, a workdir in use or unusable, a checkpoint of another run) ends
+  in one line `error: ...` on stderr and exit code 2, before anything is written.
+- Exit codes, for people and schedulers: see EXIT_* below.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnet_jax import config as config_lib
+from resnet_jax import lock, preemption
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # The run failed or diverged; summary.json says why.
+EXIT_USAGE = 2  # Bad input; nothing was done.
+EXIT_PREEMPTED = preemption.EXIT_CODE  # 75: stopped by SIGTERM/SIGINT, checkpointed; requeue it.
+EXIT_INTERRUPTED = 130  # A second Ctrl-C: stopped at once; the last checkpoint stands.
+
+# Errors that refuse a run before it starts, their messages saying what is allowed: bad configs,
+# unprepared datasets and checkpoints of another run (ConfigError), workdirs in use, not
+# writable, or without a usable checkpoint (WorkdirError).
+REFUSALS = (config_lib.ConfigError, lock.WorkdirError)
+
+
+def run(main: Callable[[list[str]], int]) -> None:
+  """absl's app.run(main) with this module's conventions."""
+  app.run(lambda argv: _call(main, argv), flags_parser=_parse_flags)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+  """Prints `error: <message on one line>` and exits."""
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def one_line(text: str) -> str:
+  """A multi-line message as one line: `head: a; b` for `head:` followed by lines a and b."""
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  if len(lines) > 1 and lines[0].endswith(":"):
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+  return "; ".join(lines)
+
+
+def define_config_file(name: str, default: str | None, help_string: str) -> flags.FlagHolder:
+  """config_flags.DEFINE_config_file, locked; a bad `--<name>.<field>=value` is bad input.
+
+  Called at import time: config_flags reads the overrides from sys.argv as it defines the flag.
+  """
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    root = _root(e)
+    if isinstance(root, (KeyError, AttributeError)):
+      field = str(root).strip("'\"")
+      given = [arg.split("=")[0] for arg in sys.argv[1:] if arg.startswith(f"--{name}.")
+               and arg.split("=")[0].rsplit(".", 1)[-1] == field]
+      fail(f"unknown config field {' '.join(given) or field}: the fields and their meaning are "
+           "in resnet_jax/config.py")
+    fail(f"--{name} overrides: {type(root).__name__}: {root}")
+  return None  # Not reached.
+
+
+def load_config(holder: flags.FlagHolder):
+  """The value of a config-file flag, loading the file now; a broken file is bad input."""
+  try:
+    config = holder.value
+    config.keys()  # A file that failed to load gives a stand-in that raises on any attribute.
+    return config
+  except Exception as e:  # pylint: disable=broad-except  # A config file can raise anything.
+    fail(_config_file_error(holder.name, e))
+  return None  # Not reached.
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_flag_error(e))
+  except Exception as e:  # pylint: disable=broad-except  # From loading a config file.
+    fail(_config_file_error("config", e))
+  return []  # Not reached: fail() exits.
+
+
+def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.FATAL)
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a flag "
+         "(--config.<field>=value)")
+  try:
+    return main(argv)
+  except REFUSALS as e:
+    fail(str(e))
+  except KeyboardInterrupt:
+    print("interrupted: the last checkpoint stands; run the same command to resume",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_disk_full(e):
+      raise  # A bug: its traceback is what helps.
+    fail(f"disk full: {_brief(e)}; free some space and run the same command to resume",
+         EXIT_FAILED)
+  return EXIT_FAILED  # Not reached.
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """ENOSPC from Python, or from TensorStore inside Orbax (which raises ValueError for it)."""
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _brief(error: BaseException) -> str:
+  """The first line of an error, at most 300 characters."""
+  text = one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _root(error: BaseException) -> BaseException:
+  """The innermost exception of a chain: what actually went wrong."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  return error
+
+
+def _flag_error(error: flags.Error) -> str:
+  text = str(error)
+  if text.startswith("flag --config="):
+    return _config_file_error("config", error)
+  return text
+
+
+def _config_file_error(name: str, error: BaseException) -> str:
+  """What went wrong loading the config file of flag --<name>, naming the file."""
+  path = _flag_argument(name).partition(":")[0] or flags.FLAGS[name].default_as_str
+  root = _root(error)
+  if isinstance(root, FileNotFoundError) or "No such file" in str(root):
+    return f"config file {path} not found"
+  if isinstance(root, SyntaxError):
+    return f"config file {path} line {root.lineno}: {root.msg}"
+  if isinstance(root, AttributeError) and "get_config" in str(root):
+    return f"config file {path} has no get_config() function"
+  if isinstance(root, config_lib.ConfigError):
+    return f"config file {path}: {root}"
+  return f"config file {path}: {type(root).__name__}: {root}"
+
+
+def _flag_argument(name: str) -> str:
+  """The text given to --<name> on the command line ("" if none)."""
+  args = sys.argv[1:]
+  for i, arg in enumerate(args):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(args):
+      return args[i + 1]
+  return ""

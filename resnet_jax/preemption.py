@@ -1,0 +1,86 @@
+"""Stopping cleanly when asked: SIGTERM or SIGINT ends a run at a step boundary, checkpointed.
+
+Clusters and cloud GPUs/TPUs send SIGTERM some seconds before they take a machine away. While a
+run trains, the first SIGTERM or SIGINT (Ctrl-C) only sets a flag: the loop finishes the step in
+flight, checkpoints it, lets the save complete, writes `summary.json` with status `preempted`, and
+the command exits with `EXIT_CODE`, which schedulers can requeue on; the next start resumes
+exactly. A second Ctrl-C stops at once, as Python does by default (the last checkpoint stays).
+
+Several processes must stop at the same step, since a checkpoint is written by all of them
+together. There JAX's preemption service does the work: it catches SIGTERM on any process and
+agrees on one step at which every process stops (`multihost_utils.
+reached_preemption_sync_point`, asked once per step). Ctrl-C is turned into SIGTERM to take the
+same path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+# sysexits.h's EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
+EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+  """Whether a stop was asked for; a context manager that installs the signal handlers.
+
+  synced: several processes stop together (JAX's preemption service; jax.distributed must be
+    initialised): requested() must then be called at every step, on every process.
+  on_request: called once, in the main thread, when the first signal arrives.
+  Handlers can only be installed from the main thread; elsewhere (a notebook's worker thread)
+  signals keep their usual effect and only request() asks for a stop.
+  """
+
+  def __init__(self, *, synced: bool = False, on_request: Callable[[], None] | None = None):
+    self.signal_name: str | None = None
+    self._synced = synced
+    self._on_request = on_request
+    self._previous: dict[int, object] = {}
+
+  def __enter__(self) -> StopRequest:
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    # Synced, SIGTERM belongs to JAX's preemption notifier; only Ctrl-C is handled here.
+    for signum in (signal.SIGINT,) if self._synced else SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  def request(self, reason: str) -> None:
+    """Asks for a stop; `reason` (a signal's name, say) goes into messages."""
+    if self.signal_name is None:
+      self.signal_name = reason
+      if self._on_request is not None:
+        self._on_request()
+
+  def requested(self, step: int) -> bool:
+    """True once the run should stop after `step` (synced: on every process at the same step)."""
+    if not self._synced:
+      return self.signal_name is not None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      stop = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # The preemption service is off (jax_enable_preemption_service).
+      return False
+    if stop:
+      self.request(self.signal_name or "SIGTERM")
+    return stop
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.signal_name == "SIGINT":
+      raise KeyboardInterrupt  # Ctrl-C twice: stop now.
+    if self._synced:
+      self.signal_name = self.signal_name or name
+      os.kill(os.getpid(), signal.SIGTERM)  # To JAX's notifier, which tells every process.
+      return
+    self.request(name)

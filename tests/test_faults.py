@@ -1,0 +1,417 @@
+"""Faults injected into tiny real runs: nothing trained is lost, nothing written is wrong.
+
+Each test interrupts, corrupts or misuses a run of a ResNet-20 on Fashion-MNIST (batch 16, 12
+steps, constant learning rate) and checks that the run ends where an uninterrupted one ends,
+bitwise (one machine, one device count), with records that say what happened. Runs that must
+receive a real signal or exit code run as `python -m resnet_jax.main` subprocesses; the rest run
+in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import checkpoints, cli, config as config_lib, lock, reporting, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 12
+# The fields every run here shares; a constant rate keeps num_steps out of the arithmetic.
+TINY = {"dataset.eval_split": "test[:64]", "batch_size": 16, "eval_batch_size": 32,
+        "num_steps": NUM_STEPS, "log_every": 1, "eval_every": 0, "checkpoint_every": 3,
+        "keep_checkpoints": 2, "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
+        "progress_bar": False}
+
+
+def tiny_config(data_dir: str, **overrides) -> config_lib.ConfigDict:
+  config = config_lib.default_config()
+  for key, value in {"dataset.data_dir": data_dir, **TINY, **overrides}.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def cli_args(data_dir: str, workdir: str, **overrides) -> list[str]:
+  fields = {"dataset.data_dir": data_dir, **TINY, **overrides}
+  return [sys.executable, "-m", "resnet_jax.main", "--config=configs/fashion_mnist.py",
+          f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in fields.items())]
+
+
+def start(data_dir: str, workdir: str, **overrides) -> subprocess.Popen:
+  """A run in a subprocess (the test session's 8 CPU devices), its output in workdir.log."""
+  log = open(f"{workdir}.log", "w")  # pylint: disable=consider-using-with
+  return subprocess.Popen(cli_args(data_dir, workdir, **overrides), cwd=REPO, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, process: subprocess.Popen | None = None, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while not predicate():
+    assert process is None or process.poll() is None, "the run ended before the fault"
+    assert time.time() < deadline, "timed out waiting"
+    time.sleep(0.01)
+
+
+def logged_steps(workdir: str) -> list[int]:
+  path = os.path.join(workdir, reporting.METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def final_state(workdir: str):
+  return checkpoints.read_state(os.path.join(workdir, "checkpoints"))
+
+
+def assert_same_state(workdir_a: str, workdir_b: str) -> None:
+  (step_a, a), (step_b, b) = final_state(workdir_a), final_state(workdir_b)
+  assert step_a == step_b == NUM_STEPS
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def tmp_dirs(workdir: str) -> list[str]:
+  return glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
+
+
+def read_json(path) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def straight_run(prepared_data_dir, tmp_path_factory) -> str:
+  """The uninterrupted run every faulted run must end equal to."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  assert train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)["status"] == "completed"
+  return workdir
+
+
+# --- Preemption ---
+
+def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_bitwise(
+    prepared_data_dir, straight_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  run = start(prepared_data_dir, workdir)
+  wait_for(lambda: 2 in logged_steps(workdir), run)
+  run.send_signal(signal.SIGTERM)
+  assert run.wait(timeout=120) == cli.EXIT_PREEMPTED == 75
+
+  summary = read_json(os.path.join(workdir, "summary.json"))
+  stopped = summary["step"]
+  assert summary["status"] == "preempted" and 2 <= stopped < NUM_STEPS
+  assert "SIGTERM" in summary["message"]
+  assert checkpoints.steps(os.path.join(workdir, "checkpoints"))[0] == stopped
+  assert logged_steps(workdir)[-1] == stopped  # Its loss is logged too.
+  assert tmp_dirs(workdir) == []  # The save completed before the exit.
+  assert np.isfinite(summary["train_loss"])
+
+  resumed = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+  assert resumed["status"] == "completed"
+  assert_same_state(workdir, straight_run)
+
+
+def test_sigint_stops_the_same_way_in_process(prepared_data_dir, tmp_path, monkeypatch):
+  # Ctrl-C in a notebook or terminal: the first one asks the loop to stop after its step.
+  workdir = str(tmp_path / "run")
+  real_save = checkpoints.Saver.save
+
+  def save_then_interrupt(self, step, *args, **kwargs):
+    real_save(self, step, *args, **kwargs)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(checkpoints.Saver, "save", save_then_interrupt)
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+  assert summary["status"] == "preempted" and "SIGINT" in summary["message"]
+  assert summary["step"] == 4  # The step after the signal, logged and checkpointed.
+  assert checkpoints.steps(os.path.join(workdir, "checkpoints")) == [4, 3]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
+
+
+def test_kill_9_during_an_async_save_resumes_bitwise(prepared_data_dir, straight_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  run = start(prepared_data_dir, workdir, checkpoint_every=1)
+  # A save in flight while an earlier one is committed.
+  wait_for(lambda: tmp_dirs(workdir) and checkpoints.steps(os.path.join(workdir, "checkpoints")),
+           run)
+  run.kill()
+  run.wait()
+  committed = checkpoints.steps(os.path.join(workdir, "checkpoints"))
+
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir, checkpoint_every=1),
+                                     workdir)
+  assert summary["status"] == "completed"
+  assert 0 < committed[0] < NUM_STEPS
+  assert tmp_dirs(workdir) == []
+  assert_same_state(workdir, straight_run)
+  # Every step was logged once, the ones after the resumed checkpoint again, not twice.
+  assert logged_steps(workdir) == list(range(1, NUM_STEPS + 1)) + [NUM_STEPS]
+  # keep_checkpoints=2 holds across the resume, with the checkpoints of both segments.
+  assert checkpoints.steps(os.path.join(workdir, "checkpoints")) == [NUM_STEPS, NUM_STEPS - 1]
+
+
+# --- Checkpoints ---
+
+def corrupt_newest(workdir: str, how: str) -> str:
+  """Corrupts the largest state file of workdir's newest checkpoint; returns its directory."""
+  step_dir = os.path.join(workdir, "checkpoints",
+                          str(checkpoints.steps(os.path.join(workdir, "checkpoints"))[0]))
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+           if os.path.isfile(f)]
+  target = max(files, key=os.path.getsize)
+  if how == "byte":
+    with open(target, "r+b") as f:
+      f.seek(os.path.getsize(target) // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  elif how == "truncate":
+    os.truncate(target, os.path.getsize(target) // 2)
+  else:
+    os.remove(target)
+  return step_dir
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    prepared_data_dir, straight_run, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=6), workdir)
+  bad = corrupt_newest(workdir, "byte")
+  capsys.readouterr()
+
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+  assert summary["status"] == "completed"
+  assert_same_state(workdir, straight_run)  # Resumed from step 3, not from the bad step 6.
+  kept = os.path.join(workdir, checkpoints.UNUSABLE_DIR, "6")
+  assert warnings == [f"warning: checkpoint {bad} is unusable: file state/"
+                      f"{warnings[0].split(' file state/')[1].split()[0]} does not match its "
+                      f"checksum; moved to {kept}; resuming from step 3"]
+  assert os.path.isdir(kept)  # Set aside, not deleted.
+
+
+@pytest.fixture(scope="module")
+def sealed_checkpoint(tmp_path_factory):
+  """A small state saved the way runs save theirs; returns its step directory."""
+  directory = str(tmp_path_factory.mktemp("sealed") / "checkpoints")
+  saver = checkpoints.Saver(directory, keep=1)
+  state = {"w": np.arange(4096, dtype=np.float32), "b": np.ones(3, np.float32)}
+  saver.save(1, state, config_lib.default_config(), wall_time_s=1.5)
+  saver.wait()
+  saver.close()
+  return os.path.join(directory, "1")
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("byte", "does not match its checksum"), ("truncate", "bytes, "), ("missing", "is missing")])
+def test_verify_finds_a_changed_byte_a_truncated_file_and_a_missing_one(
+    sealed_checkpoint, tmp_path, how, problem):
+  step_dir = str(tmp_path / "checkpoints" / "1")
+  shutil.copytree(sealed_checkpoint, step_dir)
+  assert checkpoints.verify(step_dir) is None
+  corrupt_newest(str(tmp_path), how)
+  assert problem in checkpoints.verify(step_dir)
+
+
+def test_no_usable_checkpoint_is_one_clear_error_and_deletes_nothing(prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
+  corrupt_newest(workdir, "byte")
+  with pytest.raises(checkpoints.NoUsableCheckpointError,
+                     match=r"no usable checkpoint in .*step 3: file state/.* does not match"):
+    train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+  assert os.listdir(os.path.join(workdir, checkpoints.UNUSABLE_DIR)) == ["3"]
+
+
+# --- Records ---
+
+def snapshot(workdir: str) -> dict[str, str]:
+  """Every file under workdir with the SHA-256 of its contents."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def test_rerunning_a_completed_run_changes_nothing(prepared_data_dir, straight_run, tmp_path):
+  before = snapshot(straight_run)
+  result = subprocess.run(cli_args(prepared_data_dir, straight_run), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("test accuracy ")
+  assert snapshot(straight_run) == before
+
+
+def test_summary_lost_after_the_final_checkpoint_is_rebuilt_from_the_records(
+    prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
+  os.remove(os.path.join(workdir, "summary.json"))  # Killed between checkpoint and summary.
+
+  rebuilt = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
+  for field in ("status", "step", "train_loss", "train_error", "test_error", "num_params"):
+    assert rebuilt[field] == summary[field]
+  assert [e["event"] for e in reporting.read_metrics(workdir)] == ["train"] * 3 + ["eval"]
+
+
+def test_torn_last_metrics_line_is_dropped_and_the_clock_runs_on(
+    prepared_data_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
+  with open(os.path.join(workdir, reporting.METRICS_FILE), "a") as f:
+    f.write('{"event": "train", "st')  # Killed mid-write.
+
+  second = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=5), workdir)
+  assert "dropped its last line, cut short" in capsys.readouterr().err
+  events = reporting.read_metrics(workdir)
+  assert [(e["event"], e["step"]) for e in events] == [
+      ("train", 1), ("train", 2), ("train", 3), ("eval", 3), ("train", 4), ("train", 5),
+      ("eval", 5)]
+  # wall_time_s counts both segments: the second starts where the checkpoint at step 3 left it.
+  assert second["wall_time_s"] > first["wall_time_s"] > 0
+  times = [e["wall_time_s"] for e in events]
+  assert times == sorted(times)
+
+
+# --- One writer per workdir ---
+
+def test_second_writer_is_refused_naming_the_holder(prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  with lock.WorkdirLock(workdir):
+    result = subprocess.run(cli_args(prepared_data_dir, workdir), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+  assert result.returncode == cli.EXIT_USAGE
+  assert result.stderr.splitlines() == [
+      f"error: workdir {workdir} is in use by pid {os.getpid()} on host "
+      f"{os.uname().nodename} since {result.stderr.split(' since ')[1].split(';')[0]}; stop "
+      "that run first, or choose another --workdir"]
+  assert os.listdir(workdir) == []
+
+
+def test_lock_of_a_killed_process_does_not_block_the_resume(prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; from resnet_jax import lock; lock.WorkdirLock(sys.argv[1]).acquire(); "
+      "print('held', flush=True); time.sleep(600)"), workdir], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+  assert holder.stdout.readline() == "held\n"
+  with pytest.raises(lock.WorkdirError, match=f"in use by pid {holder.pid}"):
+    lock.WorkdirLock(workdir).acquire()
+  holder.kill()
+  holder.wait()
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=1), workdir)
+  assert summary["status"] == "completed"
+
+
+# --- Disk full ---
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+  """A tmpfs mounted at `path` for the block; skips the test where mounting is not allowed."""
+  path.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MiB tmpfs: room for one tiny checkpoint (2.3 MB) but not for the next beside it."""
+  with tmpfs(tmp_path / "disk", "size=4m") as mount:
+    yield mount
+
+
+def test_disk_full_is_one_error_a_failed_summary_and_resumes_once_space_is_back(
+    prepared_data_dir, straight_run, small_disk):
+  workdir = str(small_disk / "run")
+  result = subprocess.run(cli_args(prepared_data_dir, workdir), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == cli.EXIT_FAILED, result.stderr
+  assert result.stderr.startswith("error: disk full") and result.stderr.count("\n") == 1, (
+      result.stderr)
+  summary = read_json(os.path.join(workdir, "summary.json"))
+  assert summary["status"] == "failed" and "No space left on device" in summary["message"]
+
+  subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+  assert train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)["status"] == (
+      "completed")
+  assert_same_state(workdir, straight_run)
+
+
+# --- The command line's bad input ---
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("configs")
+  (root / "syntax.py").write_text("def get_config(:\n")
+  (root / "empty.py").write_text("x = 1\n")
+  (root / "afile").write_text("")
+  return root
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config=configs/nope.py"], "config file configs/nope.py not found"),
+    (["--config={files}/syntax.py"], "config file {files}/syntax.py line 1: invalid syntax"),
+    (["--config={files}/empty.py"], "config file {files}/empty.py has no get_config() function"),
+    (["--config=configs/cifar10.py:deep=56"],
+     "config file configs/cifar10.py: unknown config argument 'deep'; allowed: depth, skip"),
+    (["--config.optimizer.learning_rate=0.1"],
+     "unknown config field --config.optimizer.learning_rate: the fields and their meaning"),
+    (["--config.batch_size=big"], "flag --config.batch_size=big: invalid literal for int()"),
+    (["--config.model.name=resnet21"], "CIFAR ResNet depth must be 6n+2: 20, 32, 44, 56, 110"),
+    (["--config.optimizer.lr=inf"], "config.optimizer.lr must be finite and > 0; got inf"),
+    (["--config.num_steps=100000000000"],
+     "config.num_steps (100,000,000,000) must be at most 2,147,483,647: the step counter is "
+     "int32, and 100,000,000,000 steps would take 3.2 years even at 1,000 steps/s"),
+    (["--config.batch_size=60016"],
+     "config.batch_size (60016) must be at most the 60,000 examples of config.dataset.train_split"),
+    (["--config.dataset.name=mnist"], "dataset mnist 3.0.1 is not prepared in"),
+    (["--workdir={files}/afile"], "workdir {files}/afile is a file, not a directory"),
+    (["--bogus"], "Unknown command line flag 'bogus'"),
+    (["stray"], "unexpected arguments: stray"),
+])
+def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
+    prepared_data_dir, config_files, tmp_path, flags, message):
+  workdir = tmp_path / "run"
+  flags = [f.format(files=config_files) for f in flags]
+  args = [sys.executable, "-m", "resnet_jax.main", f"--workdir={workdir}", *flags,
+          f"--config.dataset.data_dir={prepared_data_dir}"]
+  result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == cli.EXIT_USAGE
+  assert result.stdout == ""
+  (line,) = result.stderr.splitlines()
+  assert line.startswith("error: ") and message.format(files=config_files) in line
+  assert not workdir.exists()
+
+
+def test_a_read_only_workdir_is_refused(prepared_data_dir, tmp_path):
+  with tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
+    for workdir, why in ((read_only, "is not writable"), (read_only / "run", "cannot be created")):
+      result = subprocess.run(cli_args(prepared_data_dir, str(workdir)), cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+      assert result.returncode == cli.EXIT_USAGE
+      assert result.stderr == f"error: workdir {workdir} {why}: Read-only file system\n"
