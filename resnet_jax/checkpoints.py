@@ -181,18 +181,16 @@ def _checksums(step_dir: str) -> dict[str, dict]:
           for name in _item_files(step_dir)}
 
 
-def verify(step_dir: str) -> str | None:
-  """Checks a checkpoint against its manifest: None if intact, else what is wrong.
+def sealed(step_dir: str) -> bool:
+  """Whether a checkpoint has a manifest (those written before resnet_jax sealed them have not)."""
+  return os.path.exists(os.path.join(step_dir, MANIFEST_FILE))
 
-  Raises:
-    FileNotFoundError: the checkpoint has no manifest (written before resnet_jax sealed them).
-  """
-  manifest_path = os.path.join(step_dir, MANIFEST_FILE)
+
+def verify(step_dir: str) -> str | None:
+  """Checks a sealed checkpoint against its manifest: None if intact, else what is wrong."""
   try:
-    with open(manifest_path) as f:
+    with open(os.path.join(step_dir, MANIFEST_FILE)) as f:
       expected = json.load(f)["sha256"]
-  except FileNotFoundError:
-    raise
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f"its checksum manifest {MANIFEST_FILE} is unreadable ({type(e).__name__})"
   for name, entry in sorted(expected.items()):
@@ -277,19 +275,16 @@ class _Unusable(Exception):
 
 
 def _restore(step_dir: str, step: int, abstract_state, config, extra_items) -> Restored:
-  try:
-    problem = verify(step_dir)
-  except FileNotFoundError:
+  if not sealed(step_dir):
     _warn(f"checkpoint {step_dir} has no {MANIFEST_FILE} (written before resnet_jax sealed "
           "checkpoints): restoring it unverified")
-    problem = None
-  if problem:
+  elif problem := verify(step_dir):
     raise _Unusable(problem)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
     stored = checkpointer.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   except Exception as e:  # Orbax raises many types for unreadable files.
-    raise _Unusable(f"its config is unreadable ({_brief(e)})") from None
+    raise _Unusable(f"its config is unreadable ({reporting.brief(e)})") from None
   mismatches = config_mismatches(stored["config"], config)
   if mismatches:
     raise CheckpointMismatchError(
@@ -303,16 +298,10 @@ def _restore(step_dir: str, step: int, abstract_state, config, extra_items) -> R
   try:
     restored = checkpointer.restore(step_dir, args=ocp.args.Composite(**items))
   except Exception as e:
-    raise _Unusable(f"its state does not fit this run or is unreadable ({_brief(e)})") from None
+    raise _Unusable(f"its state does not fit this run or is unreadable "
+                    f"({reporting.brief(e)})") from None
   wall_time = restored["progress"]["wall_time_s"] if has_progress else 0.0
   return Restored(step, restored["state"], float(wall_time))
-
-
-def _brief(error: Exception) -> str:
-  """`TypeName: first line of the message`, at most 200 characters."""
-  lines = str(error).strip().splitlines()
-  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-  return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _warn(message: str) -> None:
@@ -364,10 +353,7 @@ def read_state(directory: str, step: int | None = None):
   step_dir = os.path.join(directory, str(step))
   if not os.path.isdir(step_dir):
     raise FileNotFoundError(f"no checkpoint {step_dir}")
-  try:
-    problem = verify(step_dir)
-  except FileNotFoundError:
-    problem = None  # Unsealed: written before resnet_jax sealed checkpoints.
+  problem = verify(step_dir) if sealed(step_dir) else None  # Older ones are unsealed.
   if problem:
     raise ValueError(f"checkpoint {step_dir} is unusable: {problem}")
   path = os.path.join(step_dir, "state")

@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import config as config_lib
-from resnet_jax import lock, preemption
+from resnet_jax import lock, preemption, reporting
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # The run failed or diverged; summary.json says why.
@@ -43,11 +43,11 @@ def run(main: Callable[[list[str]], int]) -> None:
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
   """Prints `error: <message on one line>` and exits."""
-  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+  print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
   sys.exit(code)
 
 
-def one_line(text: str) -> str:
+def _one_line(text: str) -> str:
   """A multi-line message as one line: `head: a; b` for `head:` followed by lines a and b."""
   lines = [line.strip() for line in str(text).splitlines() if line.strip()]
   if len(lines) > 1 and lines[0].endswith(":"):
@@ -112,7 +112,7 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
   except Exception as e:  # pylint: disable=broad-except
     if not _is_disk_full(e):
       raise  # A bug: its traceback is what helps.
-    fail(f"disk full: {_brief(e)}; free some space and run the same command to resume",
+    fail(f"disk full: {reporting.brief(e)}; free some space and run the same command to resume",
          EXIT_FAILED)
   return EXIT_FAILED  # Not reached.
 
@@ -126,10 +126,6 @@ def _is_disk_full(error: BaseException) -> bool:
   return False
 
 
-def _brief(error: BaseException) -> str:
-  """The first line of an error, at most 300 characters."""
-  text = one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
-  return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _root(error: BaseException) -> BaseException:

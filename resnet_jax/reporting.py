@@ -38,6 +38,13 @@ def write_json_atomic(path: str, obj) -> None:
   write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def brief(error: BaseException) -> str:
+  """`TypeName: the first line of its message`, at most 300 characters: an error on one line."""
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
 def warn(message: str) -> None:
   """One line `warning: ...` on stderr: what a user must know, whatever the log verbosity."""
   print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -344,8 +344,7 @@ def run_point(point: Point, workdir: str, run_fn: RunFn) -> dict:
     return {"status": "started", "message": str(e)}
   except Exception as e:  # pylint: disable=broad-except  # One point must not stop the sweep.
     logging.exception("point %d %s failed", point.index, point.name)  # --verbosity=-2 shows it.
-    reporting.warn(f"point {point.index} {point.name} failed: {type(e).__name__}: "
-                   f"{cli.one_line(str(e))[:300]}")
+    reporting.warn(f"point {point.index} {point.name} failed: {reporting.brief(e)}")
     # train_and_evaluate writes its own summary before re-raising, unless it failed too early.
     summary = read_summary(point_dir) or _failed_summary(f"{type(e).__name__}: {e}")
   if read_summary(point_dir) is None:
