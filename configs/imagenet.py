@@ -14,10 +14,13 @@ for ResNet-50 v1.5.
 
 from resnet_jax import config as config_lib
 
+# The model arguments every config takes, plus this file's own.
+ARG_TYPES = {**config_lib.ARG_TYPES, "devices": int, "schedule": str}
+
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg)
-  devices = int(args.pop("devices", 8))
+  args = config_lib.parse_args(arg, ARG_TYPES)
+  devices = args.pop("devices", 8)
   schedule = args.pop("schedule", "cosine")
   config = config_lib.default_config()
   config.dataset.name = "imagenet2012"
@@ -30,18 +33,17 @@ def get_config(arg=None):
   config.model.bn_fast_variance = True
   config.batch_size = 256 * devices
   config.eval_batch_size = 50 * devices
-  config.num_steps = 90 * 1_281_167 // config.batch_size
+  config.num_epochs = 90
   config.optimizer.lr = 0.1
   config.optimizer.base_batch_size = 256
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 1e-4
   config.optimizer.warmup = "linear"
-  config.optimizer.warmup_steps = 5 * 1_281_167 // config.batch_size
+  config.optimizer.warmup_epochs = 5
   config.optimizer.schedule = schedule
   config.optimizer.boundaries = (30, 60, 80) if schedule == "step" else ()
   config.optimizer.boundaries_unit = "epochs"
   config.log_every = 100
-  config.eval_every = 1_281_167 // config.batch_size  # Once an epoch.
-  config.checkpoint_every = config.eval_every
-  return config_lib.apply_model_args(
-      config, ",".join(f"{k}={v}" for k, v in args.items()) or None)
+  config.eval_every_epochs = 1
+  config.checkpoint_every_epochs = 1
+  return config_lib.apply_model_args(config, args)

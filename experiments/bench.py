@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import resource
@@ -47,7 +46,8 @@ from typing import Callable
 # Run as a script, the repository root is not on sys.path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_jax import config as config_lib  # noqa: E402  (config.py imports no JAX)
+from resnet_jax import architectures  # noqa: E402  (neither imports JAX)
+from resnet_jax import config as config_lib  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 FRAMEWORKS = ("jax", "torch")
@@ -142,45 +142,41 @@ def result_row(spec: BenchSpec, *, framework: str, device: str, seconds_per_step
 # --- JAX ---
 
 def measure_jax(spec: BenchSpec) -> dict:
-  """Times the project's jitted `train.train_step` (state donated) on every local device.
-
-  The state is replicated and the synthetic batch sharded over `parallel.make_mesh()`, as in
-  training. Returns a `result_row`.
+  """Times the project's train step, built by `trainer.build` as in training (state and totals
+  donated), on every local device: the state replicated, the synthetic batch sharded over
+  `parallel.make_mesh()`. Returns a `result_row`.
   """
+  import itertools
+
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from resnet_jax import optim, parallel, train
+  from resnet_jax import data, parallel, sources, steps, trainer
 
   validate_spec(spec, num_devices=jax.device_count())
   config = bench_config(spec)
   mesh = parallel.make_mesh()
-  replicated = parallel.replicated(mesh)
-  model = train.create_model(config, spec.num_classes)
-  tx = optim.create_optimizer(config.optimizer, batch_size=spec.batch_size,
-                              num_steps=config.num_steps, steps_per_epoch=1)
-  state = jax.jit(functools.partial(train.create_train_state, model, tx, seed=config.seed,
-                                    image_shape=spec.image_shape), out_shardings=replicated)()
   rng = np.random.default_rng(0)
-  batch = parallel.put_batch({
+  batch = jax.device_put({
       "image": rng.integers(0, 256, (spec.batch_size, *spec.image_shape), dtype=np.uint8),
-      "label": rng.integers(0, spec.num_classes, spec.batch_size, dtype=np.int32)}, mesh)
+      "label": rng.integers(0, spec.num_classes, spec.batch_size, dtype=np.int32)},
+      parallel.batch_sharded(mesh))
   channels = spec.image_shape[2]
-  step_fn = functools.partial(train.train_step, model=model, tx=tx, mean=(NORM_MEAN,) * channels,
-                              std=(NORM_STD,) * channels, dtype=jnp.dtype(spec.dtype))
-  jitted = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(replicated, replicated))
-
-  start = time.perf_counter()
-  compiled = jitted.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  info = data.DatasetInfo("synthetic", num_classes=spec.num_classes,
+                          image_shape=spec.image_shape, num_train=spec.batch_size,
+                          num_eval=spec.batch_size, mean=(NORM_MEAN,) * channels,
+                          std=(NORM_STD,) * channels)
+  source = sources.DeviceBatches(itertools.repeat(batch), sources.spec_of(batch))
+  bench_trainer = trainer.build(config, info, mesh, source)
+  state, totals = bench_trainer.init_state(), bench_trainer.zero_totals()
+  compile_s = bench_trainer.compile(state, totals)
 
   def run_steps(n: int) -> None:
-    nonlocal state
+    nonlocal state, totals
     # A Python loop of single steps, as in training: scanning the step loses XLA CPU's fast convs.
     for _ in range(n):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
+      state, totals, _ = bench_trainer.train(state, totals)
+    jax.block_until_ready((state, totals))
 
   seconds_per_step = median_seconds_per_step(run_steps, spec)
   devices = jax.local_devices()
@@ -192,7 +188,7 @@ def measure_jax(spec: BenchSpec) -> dict:
   device = f"{jax.device_count()}x {devices[0].device_kind}"
   return result_row(spec, framework="jax", device=device, seconds_per_step=seconds_per_step,
                     compile_s=compile_s, peak_memory_bytes=peak, memory_kind=memory_kind,
-                    num_params=train.count_params(state.params))
+                    num_params=steps.count_params(state.params))
 
 
 # --- PyTorch ---
@@ -242,7 +238,7 @@ def torch_cifar_resnet(depth: int, *, num_classes: int, in_channels: int = 3, sk
 
 def torch_network(spec: BenchSpec):
   """The PyTorch twin of `spec.model`. Raises Skipped where there is none here."""
-  family, depth = config_lib.model_depth(spec.model)
+  family, depth = architectures.family_and_depth(spec.model)
   channels = spec.image_shape[2]
   if family == "cifar":
     return torch_cifar_resnet(depth, num_classes=spec.num_classes, in_channels=channels,
@@ -368,7 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   flag = dict(type=config_lib.parse_bool, nargs="?", const=True)  # --x, --x=true, --x=false
   p.add_argument("--model", type=comma_list(str), default=["resnet20"], help="comma list")
   p.add_argument("--batch_size", type=comma_list(int), default=[128], help="comma list")
-  p.add_argument("--dtype", default="float32", help=", ".join(config_lib.DTYPES))
+  p.add_argument("--dtype", default="float32", help=", ".join(architectures.DTYPES))
   p.add_argument("--image_size", type=int, default=32)
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=10)

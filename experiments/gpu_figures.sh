@@ -34,12 +34,12 @@ import json, os, sys
 from resnet_jax import reporting
 batch = json.load(open(os.path.join(sys.argv[1], reporting.CONFIG_FILE)))["batch_size"]
 events = reporting.read_metrics(sys.argv[1])
-train = [e for e in events if e["event"] == "train"]
+train = [e for e in events if e["event"] == reporting.TRAIN]
 seconds, last = 0.0, 0
 for e in train:  # Each log window: its steps at its measured throughput.
   seconds += (e["step"] - last) * batch / e["img_per_s"]
   last = e["step"]
-evals = [e for e in events if e["event"] == "eval"]
+evals = [e for e in events if e["event"] == reporting.EVAL]
 print(f"training {seconds:.1f} s for {last} steps ({last * batch / seconds:,.0f} img/s), "
       f"compile {train[0].get('compile_s')} s, final train error {train[-1]['train_error']:.4f}, "
       f"test accuracy {100 * (1 - evals[-1]['test_error']):.2f}%")

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     raise RuntimeError(f"the straight run failed ({code}); see {straight}.log")
   stop_code, to_summary, to_exit = _interrupt(_command(args, drilled), drilled, drilled + ".log",
                                   args.signal_after, args.timeout)
-  summary = json.load(open(os.path.join(drilled, reporting.SUMMARY_FILE)))
-  stopped_at = summary["step"]
+  summary = reporting.Summary.read(drilled)
+  stopped_at = summary.step
   newest = checkpoints.steps(os.path.join(drilled, "checkpoints"))[:1]
   leftovers = glob.glob(os.path.join(drilled, "checkpoints", "*orbax-checkpoint-tmp*"))
   resume_code, resume_s = _run(_command(args, drilled), drilled + ".resume.log")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
   result = {
       "device": _device_name(), "config": args.config, "num_steps": args.num_steps,
       "signal_after": args.signal_after, "exit_code": stop_code,
-      "exit_code_ok": stop_code == cli.EXIT_PREEMPTED, "status": summary["status"],
+      "exit_code_ok": stop_code == cli.EXIT_PREEMPTED, "status": summary.status,
       "stopped_at": stopped_at, "checkpointed": newest == [stopped_at],
       "tmp_dirs_left": len(leftovers), "signal_to_summary_s": round(to_summary, 2),
       "signal_to_exit_s": round(to_exit, 2),

@@ -217,8 +217,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def config_mismatches(stored: dict, current: ml_collections.ConfigDict) -> list[str]:
-  """Lines `field: checkpoint X, config Y` for every non-resumable field that differs."""
-  old, new = _flatten(stored), _flatten(current.to_dict())
+  """Lines `field: checkpoint X, config Y` for every non-resumable field that differs.
+
+  A field the checkpoint's config lacks (added to resnet_jax since) counts as its default.
+  """
+  old = {**_flatten(config_lib.default_config().to_dict()), **_flatten(stored)}
+  new = _flatten(current.to_dict())
   lines = []
   for field in sorted(set(old) | set(new)):
     if field in RESUMABLE_FIELDS or old.get(field) == new.get(field):

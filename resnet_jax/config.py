@@ -4,28 +4,42 @@ Every run is described by one `ml_collections.ConfigDict`. `default_config()` li
 with its default; the files in `configs/` start from it and change a few fields. `validate()` checks
 the whole config once, before any work starts, and raises one `ConfigError` that says what was
 wrong and what is allowed. Code past that point trusts the config.
+
+Lengths may be given in epochs (`num_epochs`, ...), so that no config hard-codes a dataset's size:
+once the prepared train split's size is known, `resolve_epochs()` turns them into the steps the
+rest of the code counts. The model's checks and tables live in resnet_jax/architectures.py.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
+from resnet_jax import architectures
+
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012")
-CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
-IMAGENET_DEPTHS = (18, 34, 50, 101, 152, 200)
 SCHEDULES = ("constant", "step", "cosine")
 WARMUPS = ("linear", "constant")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 OPTIMIZERS = ("sgd", "lars")
-DTYPES = ("float32", "bfloat16")
-SHORTCUTS = ("A", "B")
-VARIANTS = ("v1", "v1.5", "v2")
-# Filters of each stage's branch convolutions at width 1 (the stem has the first stage's).
-STAGE_FILTERS = {"cifar": (16, 32, 64), "imagenet": (64, 128, 256, 512)}
-# The arguments every config file's get_config accepts: `configs/cifar10.py:depth=56,skip=false`.
-MODEL_ARGS = ("depth", "skip", "shortcut", "variant", "dtype", "width")
+# The arguments every config file's get_config accepts, with their types:
+# `configs/cifar10.py:depth=56,skip=false` on the command line, {"depth": 56, "skip": False} from
+# Python.
+ARG_TYPES = {"depth": int, "skip": bool, "shortcut": str, "variant": str, "dtype": str,
+             "width": float}
+MODEL_ARGS = tuple(ARG_TYPES)
+# Each field counted in epochs and the field counted in steps that it replaces when > 0, once the
+# train split's size is known (resolve_epochs).
+EPOCH_FIELDS = {
+    "num_epochs": "num_steps",
+    "optimizer.warmup_epochs": "optimizer.warmup_steps",
+    "eval_every_epochs": "eval_every",
+    "checkpoint_every_epochs": "checkpoint_every",
+}
 # The step counter (TrainState.step, the data order, Optax's schedules) is int32.
 MAX_STEPS = 2**31 - 1
 
@@ -76,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.boundaries_unit = "steps"  # "steps" or "epochs".
   c.optimizer.decay_factor = 0.1
   c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_epochs = 0.0  # >0 replaces warmup_steps (see num_epochs).
   c.optimizer.warmup = "linear"  # "linear" (from 0 to the peak) or "constant" (a warm start).
   c.optimizer.warmup_factor = 0.1  # Constant warmup: lr * warmup_factor during warmup_steps.
   c.optimizer.lars_trust_coefficient = 0.001
@@ -83,9 +98,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 128  # Global, over all devices and hosts.
   c.eval_batch_size = 1000
   c.num_steps = 2000
+  # >0 replaces num_steps with round(num_epochs * steps per epoch), a step per full batch of the
+  # train split (see resolve_epochs); so does each *_epochs field its steps field.
+  c.num_epochs = 0.0
   c.log_every = 100
   c.eval_every = 1000  # 0 = only at the end.
+  c.eval_every_epochs = 0.0  # >0 replaces eval_every.
   c.checkpoint_every = 1000  # 0 = only at the end.
+  c.checkpoint_every_epochs = 0.0  # >0 replaces checkpoint_every.
   c.keep_checkpoints = 3
   c.profile_steps = 0  # >0: write a jax.profiler trace of this many steps after warm-up.
   c.diagnostics_every = 0  # >0: record per-block gradient and activation norms every k steps.
@@ -93,7 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
+def split_arg(arg: str | None) -> dict[str, str]:
   """Splits a config-file argument such as `depth=56,skip=false` into a dict of strings."""
   if not arg:
     return {}
@@ -115,26 +135,48 @@ def parse_bool(text: str) -> bool:
   raise ConfigError(f"expected true or false; got {text!r}")
 
 
+def _typed(value: Any, kind: type) -> Any:
+  """`value` as `kind`: text from the command line is parsed, typed values are checked."""
+  if isinstance(value, str):
+    return parse_bool(value) if kind is bool else kind(value)
+  if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if type(value) is not kind:  # bool is an int, but skip=1 or depth=True is a mistake.
+    raise ValueError(f"expected {kind.__name__}; got {value!r}")
+  return value
+
+
+def parse_args(arg: str | Mapping[str, Any] | None,
+               types: Mapping[str, type] = ARG_TYPES) -> dict[str, Any]:
+  """A config file's argument as typed values: `depth=56,skip=false` or {"depth": 56, ...}.
+
+  Text comes from the command line (`--config=configs/cifar10.py:depth=56`); a mapping from
+  Python (sweeps), whose values may be typed already or text. Raises ConfigError naming the
+  allowed arguments or the value that does not parse.
+  """
+  items = split_arg(arg) if isinstance(arg, str) or arg is None else dict(arg)
+  out = {}
+  for key, value in items.items():
+    if key not in types:
+      raise ConfigError(f"unknown config argument {key!r}; allowed: {', '.join(types)}")
+    try:
+      out[key] = _typed(value, types[key])
+    except ValueError as e:  # int("2x"), float("half"), parse_bool("maybe").
+      raise ConfigError(f"config argument {key}={value}: {e}") from None
+  return out
+
+
 def apply_model_args(config: ml_collections.ConfigDict,
-                     arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the arguments every config file accepts, e.g. `depth=56,skip=false`.
+                     arg: str | Mapping[str, Any] | None) -> ml_collections.ConfigDict:
+  """Applies the arguments every config file accepts (MODEL_ARGS), e.g. `depth=56,skip=false`.
 
   `depth=56` names `resnet56`; validate() later checks it against the CIFAR and ImageNet depths.
   """
-  for key, value in parse_arg(arg).items():
-    if key not in MODEL_ARGS:
-      raise ConfigError(f"unknown config argument {key!r}; allowed: {', '.join(MODEL_ARGS)}")
-    try:
-      if key == "depth":
-        config.model.name = f"resnet{int(value)}"
-      elif key == "skip":
-        config.model.skip = parse_bool(value)
-      elif key == "width":
-        config.model.width = float(value)
-      else:
-        setattr(config.model, key, value)
-    except ValueError as e:  # int("2x"), float("half"), parse_bool("maybe").
-      raise ConfigError(f"config argument {key}={value}: {e}") from None
+  for key, value in parse_args(arg).items():
+    if key == "depth":
+      config.model.name = f"resnet{value}"
+    else:
+      config.model[key] = value
   return config
 
 
@@ -155,31 +197,41 @@ def _strictly_increasing(values) -> bool:
   return all(a < b for a, b in zip(values, values[1:]))
 
 
-def model_depth(name: str) -> tuple[str, int]:
-  """`resnet56` -> ("cifar", 56). Raises ConfigError naming the allowed names."""
-  allowed = ", ".join(f"resnet{d}" for d in CIFAR_DEPTHS + IMAGENET_DEPTHS)
-  if not name.startswith("resnet") or not name[len("resnet"):].isdigit():
-    raise ConfigError(f"config.model.name must be one of {allowed}; got {name!r}")
-  depth = int(name[len("resnet"):])
-  if depth in CIFAR_DEPTHS:
-    return "cifar", depth
-  if depth in IMAGENET_DEPTHS:
-    return "imagenet", depth
-  raise ConfigError(
-      f"config.model.name {name!r}: CIFAR ResNet depth must be 6n+2: "
-      f"{', '.join(map(str, CIFAR_DEPTHS))}; ImageNet ResNet depth must be one of "
-      f"{', '.join(map(str, IMAGENET_DEPTHS))}")
+def steps_per_epoch(train_size: int, batch_size: int) -> int:
+  """Steps in one pass over `train_size` examples: full batches only (the data pipeline drops the
+  last partial one), at least 1."""
+  return max(train_size // batch_size, 1)
 
 
-def check_width(family: str, width: float) -> None:
-  """Raises ConfigError unless `width` x each stage's filters of `family` is a whole number >= 1."""
-  filters = STAGE_FILTERS[family]
-  products = [f * width for f in filters]
-  if not 0 < width < math.inf or any(p < 1 or p != round(p) for p in products):
-    raise ConfigError(
-        f"config.model.width must be > 0 and make every stage's filter count {filters} a whole "
-        f"number (e.g. 0.25, 0.5, 1, 2 for CIFAR nets); got {width!r}, which gives "
-        f"{', '.join(f'{p:g}' for p in products)}")
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """The step at which `epochs` epochs end, to the nearest step."""
+  return round(epochs * steps_per_epoch)
+
+
+def _set(config: ml_collections.ConfigDict, path: str, value) -> None:
+  """config[path] = value for a dotted path such as `optimizer.warmup_steps`."""
+  section, _, field = path.rpartition(".")
+  (config[section] if section else config)[field] = value
+
+
+def resolve_epochs(config: ml_collections.ConfigDict,
+                   train_size: int) -> ml_collections.ConfigDict:
+  """A copy of `config` with each steps field whose epochs field is > 0 set from it (EPOCH_FIELDS).
+
+  steps = epochs_to_steps(epochs, steps_per_epoch(train_size, config.batch_size)). The epochs
+  fields are kept, so resolving the copy again changes nothing. Needs config.batch_size > 0 and
+  finite epochs fields, which validate() checks.
+
+  Args:
+    config: the run's config.
+    train_size: examples in the prepared training split.
+  """
+  resolved = copy.deepcopy(config)
+  per_epoch = steps_per_epoch(train_size, config.batch_size)
+  for epochs_field, steps_field in EPOCH_FIELDS.items():
+    if config[epochs_field] > 0:
+      _set(resolved, steps_field, epochs_to_steps(config[epochs_field], per_epoch))
+  return resolved
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
@@ -187,24 +239,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   """Checks the whole config; raises one ConfigError listing every problem found.
 
   Args:
-    config: the run's config.
+    config: the run's config, its epochs fields resolved (resolve_epochs) or not.
     num_devices: devices the global batch is split over (jax.device_count()).
-    train_size: examples in the training split, when known, to check the batch size and epoch
-      boundaries against it.
+    train_size: examples in the training split, when known, to check the batch size, the steps
+      the epochs fields give and the epoch boundaries against it. Until it is known, the checks
+      of a steps field that an epochs field replaces are left out.
   """
   errors: list[str] = []
   _one_of(errors, "config.dataset.name", config.dataset.name, DATASETS)
-  try:
-    family, _ = model_depth(config.model.name)
-    check_width(family, config.model.width)
-  except ValueError as e:
-    errors.append(str(e))
-  _one_of(errors, "config.model.shortcut", config.model.shortcut, SHORTCUTS)
-  _one_of(errors, "config.model.variant", config.model.variant, VARIANTS)
-  _one_of(errors, "config.model.dtype", config.model.dtype, DTYPES)
-  if not 0.0 <= config.model.bn_momentum < 1.0:
-    errors.append(f"config.model.bn_momentum must be in [0, 1); got {config.model.bn_momentum}")
-  _positive(errors, "config.model.bn_epsilon", config.model.bn_epsilon)
+  errors += architectures.model_errors(prefix="config.model.", **config.model)
 
   opt = config.optimizer
   _one_of(errors, "config.optimizer.name", opt.name, OPTIMIZERS)
@@ -219,7 +262,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     errors.append(f"config.optimizer.momentum must be in [0, 1); got {opt.momentum}")
   _positive(errors, "config.optimizer.weight_decay", opt.weight_decay, allow_zero=True)
   _positive(errors, "config.optimizer.grad_clip_norm", opt.grad_clip_norm, allow_zero=True)
-  _positive(errors, "config.optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
   _positive(errors, "config.optimizer.decay_factor", opt.decay_factor)
   _positive(errors, "config.optimizer.warmup_factor", opt.warmup_factor)
   if opt.name == "lars":
@@ -231,10 +273,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
 
   _positive(errors, "config.batch_size", config.batch_size)
   _positive(errors, "config.eval_batch_size", config.eval_batch_size)
-  _positive(errors, "config.num_steps", config.num_steps)
   _positive(errors, "config.log_every", config.log_every)
-  _positive(errors, "config.eval_every", config.eval_every, allow_zero=True)
-  _positive(errors, "config.checkpoint_every", config.checkpoint_every, allow_zero=True)
   _positive(errors, "config.keep_checkpoints", config.keep_checkpoints)
   _positive(errors, "config.profile_steps", config.profile_steps, allow_zero=True)
   _positive(errors, "config.diagnostics_every", config.diagnostics_every, allow_zero=True)
@@ -244,7 +283,46 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     if value > 0 and value % num_devices:
       errors.append(f"config.{field} ({value}) must be divisible by the number of devices "
                     f"({num_devices})")
+  if train_size is not None and config.batch_size > train_size:
+    errors.append(f"config.batch_size ({config.batch_size}) must be at most the "
+                  f"{train_size:,} examples of config.dataset.train_split "
+                  f"{config.dataset.train_split!r}")
+  errors += _step_errors(config, train_size)
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
+
+def _step_errors(config: ml_collections.ConfigDict, train_size: int | None) -> list[str]:
+  """What is wrong with the fields counted in steps or epochs: the run's length, warmup,
+  boundaries, eval and checkpoint intervals. validate()'s last part; `train_size` as there."""
+  errors: list[str] = []
+  epochs_given = {}  # steps field -> the epochs field that replaces it.
+  for epochs_field, steps_field in EPOCH_FIELDS.items():
+    _positive(errors, f"config.{epochs_field}", config[epochs_field], allow_zero=True)
+    if config[epochs_field] != 0:
+      epochs_given[steps_field] = epochs_field
+  per_epoch = None
+  if train_size is not None and config.batch_size > 0:
+    per_epoch = steps_per_epoch(train_size, config.batch_size)
+  resolvable = per_epoch is not None and not errors
+  resolved = resolve_epochs(config, train_size) if resolvable else config
+  for steps_field, epochs_field in epochs_given.items():
+    if resolvable and resolved[steps_field] == 0:
+      errors.append(
+          f"config.{epochs_field}={config[epochs_field]} gives 0 steps at {per_epoch} steps "
+          f"per epoch ({train_size:,} examples // batch {config.batch_size}); it must give "
+          f"at least 1, or be 0 to use config.{steps_field}")
+  # A steps field set from epochs is >= 0 by construction, and > 0 where checked above.
+  for field, allow_zero in (("num_steps", False), ("optimizer.warmup_steps", True),
+                            ("eval_every", True), ("checkpoint_every", True)):
+    if field not in epochs_given:
+      _positive(errors, f"config.{field}", config[field], allow_zero=allow_zero)
+
+  # None: given in epochs, unknown until train_size is (then checked again).
+  num_steps, warmup_steps = (
+      resolved[field] if resolvable or field not in epochs_given else None
+      for field in ("num_steps", "optimizer.warmup_steps"))
+  opt = resolved.optimizer
   if opt.schedule == "step" and not opt.boundaries:
     errors.append("config.optimizer.boundaries must list at least one step for schedule 'step'")
   boundaries = list(opt.boundaries)
@@ -252,34 +330,28 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     errors.append(f"config.optimizer.boundaries must be positive and strictly increasing; "
                   f"got {boundaries}")
   if opt.boundaries_unit == "epochs":
-    if train_size is not None and config.batch_size > 0:
-      steps_per_epoch = max(train_size // config.batch_size, 1)
-      boundaries = [round(b * steps_per_epoch) for b in boundaries]
+    if per_epoch is not None:
+      boundaries = [epochs_to_steps(b, per_epoch) for b in boundaries]
       if not _strictly_increasing(boundaries):
         errors.append(f"config.optimizer.boundaries {list(opt.boundaries)} epochs fall on the "
                       f"same steps {boundaries}; space them at least one step apart")
     else:
       boundaries = []  # Checked again once the dataset size is known.
   # The warmup ends at warmup_steps; a decay before that would be hidden inside it.
-  early = [b for b in boundaries if 0 < b <= opt.warmup_steps]
-  if early:
+  if warmup_steps is not None and any(0 < b <= warmup_steps for b in boundaries):
     errors.append(f"config.optimizer.boundaries {list(opt.boundaries)} ({opt.boundaries_unit}) "
-                  f"must lie after config.optimizer.warmup_steps={opt.warmup_steps}")
-  late = [b for b in boundaries if b >= config.num_steps]
-  if late:
+                  f"must lie after config.optimizer.warmup_steps={warmup_steps}")
+  if num_steps is None:
+    return errors  # The checks against the run's length wait until it is known.
+  if any(b >= num_steps for b in boundaries):
     errors.append(f"config.optimizer.boundaries {list(opt.boundaries)} ({opt.boundaries_unit}) "
-                  f"must lie inside the run of config.num_steps={config.num_steps} steps")
-  if opt.warmup_steps >= config.num_steps > 0:
-    errors.append(f"config.optimizer.warmup_steps ({opt.warmup_steps}) must be less than "
-                  f"config.num_steps ({config.num_steps})")
-  if config.num_steps > MAX_STEPS:
-    errors.append(_too_many_steps(config.num_steps))
-  if train_size is not None and config.batch_size > train_size:
-    errors.append(f"config.batch_size ({config.batch_size}) must be at most the "
-                  f"{train_size:,} examples of config.dataset.train_split "
-                  f"{config.dataset.train_split!r}")
-  if errors:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+                  f"must lie inside the run of config.num_steps={num_steps} steps")
+  if warmup_steps is not None and warmup_steps >= num_steps > 0:
+    errors.append(f"config.optimizer.warmup_steps ({warmup_steps}) must be less than "
+                  f"config.num_steps ({num_steps})")
+  if num_steps > MAX_STEPS:
+    errors.append(_too_many_steps(num_steps))
+  return errors
 
 
 def _too_many_steps(num_steps: int) -> str:

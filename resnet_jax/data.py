@@ -12,8 +12,6 @@ says so when they are not. Device placement is the train loop's business, not th
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -38,6 +36,7 @@ MEAN_STD = {
 STREAMED = ("imagenet2012",)  # Too large to hold in memory; see resnet_jax.stream.
 
 _LOAD_CHUNK = 10_000  # Records decoded at a time, bounding the memory of decoded dicts.
+AUGMENT_STREAM = 2**31 - 1  # fold_in tag of the augmentation keys; epochs never reach it.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +132,9 @@ def load_split(dataset_cfg: ml_collections.ConfigDict, split: str
       return arrays["images"], arrays["labels"]
   images, labels = _decode_split(dataset_cfg, split)
   try:
-    _save_atomically(cache, images=images, labels=labels)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with reporting.open_atomic(str(cache), "wb") as f:
+      np.savez(f, images=images, labels=labels)
   except OSError as e:  # A read-only data_dir still trains, only slower to start.
     reporting.warn(f"could not cache decoded {builder.name} {split} in {cache}: {e}")
   return images, labels
@@ -151,19 +152,6 @@ def _decode_split(dataset_cfg: ml_collections.ConfigDict, split: str
     images[start:stop] = [r["image"] for r in records]
     labels[start:stop] = [r["label"] for r in records]
   return images, labels
-
-
-def _save_atomically(path: Path, **arrays: np.ndarray) -> None:
-  """Writes an .npz through a temporary file and a rename, so readers never see half a file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as f:
-    try:
-      np.savez(f, **arrays)
-    except BaseException:
-      os.unlink(f.name)
-      raise
-  os.chmod(f.name, 0o644)  # Temporary files are private; the cache is as readable as the data.
-  os.replace(f.name, path)
 
 
 def batch_indices(seed: int | jax.Array, step: jax.Array, batch_size: int,
@@ -237,6 +225,24 @@ def augment(images: jax.Array, key: jax.Array, *, crop_padding: int, flip: bool)
     mirrored = jax.random.bernoulli(flip_key, 0.5, (batch,))
     images = jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
   return images
+
+
+def train_batch(arrays: dict[str, jax.Array], seed: jax.Array, step: jax.Array, *,
+                batch_size: int, crop_padding: int, flip: bool,
+                sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """The augmented batch of step `step`: a pure function of (seed, step), so resume is exact.
+
+  arrays: the whole split on device, {"image": uint8 [N, H, W, C], "label": int32 [N]}.
+  Returns {"image": uint8 [batch_size, H, W, C], "label": int32 [batch_size]}, laid out by
+  `sharding` (each device gathers and augments only its own slice).
+  """
+  num_examples = arrays["label"].shape[0]
+  idx = jax.lax.with_sharding_constraint(
+      batch_indices(seed, step, batch_size, num_examples), sharding)
+  # A key stream of its own, apart from the one batch_indices derives the order from.
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), AUGMENT_STREAM), step)
+  images = augment(arrays["image"][idx], key, crop_padding=crop_padding, flip=flip)
+  return {"image": images, "label": arrays["label"][idx]}
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:

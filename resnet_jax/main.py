@@ -12,7 +12,7 @@ import sys
 
 from absl import flags
 
-from resnet_jax import cli, parallel
+from resnet_jax import cli, parallel, reporting
 
 _CONFIG = cli.define_config_file("config", "configs/fashion_mnist.py",
                                  "Config file, optionally with :args.")
@@ -30,15 +30,15 @@ def main(argv: list[str]) -> int:
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from resnet_jax import train  # After distributed set-up: it must precede any JAX computation.
   summary = train.train_and_evaluate(config, _WORKDIR.value)
-  if summary["status"] == "preempted":
-    print(f"run preempted: {summary['message']}", file=sys.stderr)
+  if summary.status == reporting.PREEMPTED:
+    print(f"run preempted: {summary.message}", file=sys.stderr)
     return cli.EXIT_PREEMPTED
-  if summary["status"] != "completed":
-    print(f"run {summary['status']}: {summary['message']}", file=sys.stderr)
+  if summary.status != reporting.COMPLETED:
+    print(f"run {summary.status}: {summary.message}", file=sys.stderr)
     return cli.EXIT_FAILED
-  print(f"test accuracy {100 * (1 - summary['test_error']):.2f}% "
-        f"(best {100 * (1 - summary['best_test_error']):.2f}%) after {summary['step']} steps, "
-        f"{summary['wall_time_s']:.0f} s; workdir {_WORKDIR.value}")
+  print(f"test accuracy {100 * (1 - summary.test_error):.2f}% "
+        f"(best {100 * (1 - summary.best_test_error):.2f}%) after {summary.step} steps, "
+        f"{summary.wall_time_s:.0f} s; workdir {_WORKDIR.value}")
   return cli.EXIT_OK
 
 

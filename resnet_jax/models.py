@@ -50,26 +50,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.config import (DTYPES, SHORTCUTS, STAGE_FILTERS, VARIANTS, check_width,
-                               model_depth)
+from resnet_jax import architectures
+from resnet_jax import config as config_lib
 
 ModuleDef = Any
 # One convolution of a residual branch: (kernel size, output filters, stride).
 ConvSpec = tuple[int, int, int]
-
-# Blocks per stage for each named ImageNet depth (He et al. 2016, Table 1; ResNet-200 from
-# "Identity Mappings"). Depths 50 and up use bottleneck blocks.
-IMAGENET_STAGE_SIZES = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-}
-IMAGENET_STAGE_FILTERS = STAGE_FILTERS["imagenet"]
-CIFAR_STAGE_FILTERS = STAGE_FILTERS["cifar"]
-BOTTLENECK_EXPANSION = 4
 
 # He et al. 2015 initialisation, fan_out mode, as the ResNet paper and torchvision use.
 he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -84,7 +70,7 @@ def bottleneck_branch(filters: int, stride: int, *, stride_on_3x3: bool) -> tupl
   """1x1 reduce, 3x3, 1x1 expand to 4x filters; v1.5 and v2 stride the 3x3, v1 the first 1x1."""
   return ((1, filters, 1 if stride_on_3x3 else stride),
           (3, filters, stride if stride_on_3x3 else 1),
-          (1, BOTTLENECK_EXPANSION * filters, 1))
+          (1, architectures.BOTTLENECK_EXPANSION * filters, 1))
 
 
 def branch_stride(branch: Sequence[ConvSpec]) -> int:
@@ -127,74 +113,71 @@ def sow_activation_rms(block: nn.Module, y) -> None:
     block.sow("intermediates", "activation_rms", root_mean_square(y))
 
 
-def branch_norm_init(index: int, branch: Sequence[ConvSpec], zero_init_residual: bool):
-  """The scale init of BN `index` (1-based) of `branch`: zeros for the last one under
-  zero_init_residual, so every block starts as its shortcut (Goyal et al. 2017); else ones."""
-  last = index == len(branch)
-  return nn.initializers.zeros if last and zero_init_residual else nn.initializers.ones
-
-
-class PostActBlock(nn.Module):
-  """A block of the original ResNet (CIFAR, v1, v1.5): [conv-BN-ReLU]*, conv-BN, add, ReLU.
-
-  x: [B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), C_out], C_out and stride from
-  `branch`. `conv` and `norm` are partially applied nn.Conv / nn.BatchNorm from the network.
-  """
+class _Block(nn.Module):
+  """What both kinds of block take: the branch's ConvSpecs, the network's partially applied
+  nn.Conv / nn.BatchNorm, and the shortcut options."""
   branch: tuple[ConvSpec, ...]
   conv: ModuleDef
   norm: ModuleDef
   skip: bool = True
   shortcut: str = "B"
   zero_init_residual: bool = False
+
+  def branch_norm(self, index: int) -> nn.Module:
+    """BN `index` (1-based) of the branch, its scale zeroed if it is the last under
+    zero_init_residual (so every block starts as its shortcut; Goyal et al. 2017)."""
+    last = index == len(self.branch) and self.zero_init_residual
+    return self.norm(scale_init=nn.initializers.zeros if last else nn.initializers.ones,
+                     name=f"bn{index}")
+
+  def add_shortcut(self, y, x, projection_input):
+    """y + the shortcut of x (a projection of `projection_input` where the shape changes); y
+    alone for the plain twin."""
+    if not self.skip:
+      return y
+    features, stride = self.branch[-1][1], branch_stride(self.branch)
+    if changes_shape(x, features, stride):
+      x = projected_shortcut(projection_input, features=features, stride=stride,
+                             kind=self.shortcut, conv=self.conv, norm=self.norm)
+    return y + x
+
+
+class PostActBlock(_Block):
+  """A block of the original ResNet (CIFAR, v1, v1.5): [conv-BN-ReLU]*, conv-BN, add, ReLU.
+
+  x: [B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), C_out], C_out and stride from
+  `branch`.
+  """
 
   @nn.compact
   def __call__(self, x):
     y = x
     for i, spec in enumerate(self.branch, start=1):
       y = conv_layer(self.conv, spec, name=f"conv{i}")(y)
-      y = self.norm(scale_init=branch_norm_init(i, self.branch, self.zero_init_residual),
-                    name=f"bn{i}")(y)
+      y = self.branch_norm(i)(y)
       if i < len(self.branch):
         y = nn.relu(y)
-    if self.skip:
-      features, stride = self.branch[-1][1], branch_stride(self.branch)
-      if changes_shape(x, features, stride):
-        x = projected_shortcut(x, features=features, stride=stride, kind=self.shortcut,
-                               conv=self.conv, norm=self.norm)
-      y = y + x
-    y = nn.relu(y)
+    y = nn.relu(self.add_shortcut(y, x, projection_input=x))
     sow_activation_rms(self, y)
     return y
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(_Block):
   """A pre-activation block (v2): [BN-ReLU-conv]*, add. Shapes as in `PostActBlock`.
 
   The first BN-ReLU also feeds a projection shortcut; an identity shortcut takes the raw input.
   """
-  branch: tuple[ConvSpec, ...]
-  conv: ModuleDef
-  norm: ModuleDef
-  skip: bool = True
-  shortcut: str = "B"
-  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x):
     y = x
     for i, spec in enumerate(self.branch, start=1):
       # Zeroing the last BN's scale zeroes the ReLU and so the last conv: the branch starts at 0.
-      y = nn.relu(self.norm(scale_init=branch_norm_init(i, self.branch, self.zero_init_residual),
-                            name=f"bn{i}")(y))
+      y = nn.relu(self.branch_norm(i)(y))
       if i == 1:
         preactivated = y
       y = conv_layer(self.conv, spec, name=f"conv{i}")(y)
-    if self.skip:
-      features, stride = self.branch[-1][1], branch_stride(self.branch)
-      if changes_shape(x, features, stride):
-        x = projected_shortcut(preactivated, features=features, stride=stride,
-                               kind=self.shortcut, conv=self.conv, norm=self.norm)
-      y = y + x
+    y = self.add_shortcut(y, x, projection_input=preactivated)
     sow_activation_rms(self, y)
     return y
 
@@ -228,33 +211,41 @@ class ResNet(nn.Module):
 
   The first stage keeps the stem's resolution; every later stage halves it in its first block.
   Stage filters and the stem's filters (the first stage's) are multiplied by `width`; get_model
-  checks that every product is a whole number.
+  checks that every product is a whole number. No field has a default: get_model sets the
+  architecture's fields from resnet_jax/architectures.py and the options from
+  `config.model` (defaults in config.default_config).
 
   Attributes:
     stage_sizes: blocks per stage.
     stage_filters: filters of each stage's branch convs (x4 at a bottleneck's output).
     branch_convs: (filters, stride) -> the ConvSpecs of one block's branch.
-    num_classes: outputs of the dense head.
     stem: a partially applied `Stem`.
     preact: pre-activation (v2) blocks, a stem without BN and a final BN + ReLU.
+    num_classes: outputs of the dense head.
     skip: False builds the plain twin.
     shortcut: "A" or "B", where a block changes shape.
-    dtype: computation dtype; parameters are float32.
+    zero_init_residual: zero the last BN scale of every residual branch.
+    bn_momentum: decay of BatchNorm's running averages (Flax's convention: torchvision's 0.1 is
+      0.9 here).
+    bn_epsilon: added to BatchNorm variances.
+    bn_fast_variance: BatchNorm variance in one pass, E[x^2] - E[x]^2, instead of two.
+    dtype: computation dtype (a jnp dtype); parameters are float32.
+    width: multiplier on the stem's and every stage's filters.
   """
   stage_sizes: Sequence[int]
   stage_filters: Sequence[int]
   branch_convs: Callable[[int, int], tuple[ConvSpec, ...]]
+  stem: ModuleDef
+  preact: bool
   num_classes: int
-  stem: ModuleDef = CIFAR_STEM
-  preact: bool = False
-  skip: bool = True
-  shortcut: str = "A"
-  zero_init_residual: bool = False
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  bn_fast_variance: bool = False
-  dtype: Any = jnp.float32
-  width: float = 1
+  skip: bool
+  shortcut: str
+  zero_init_residual: bool
+  bn_momentum: float
+  bn_epsilon: float
+  bn_fast_variance: bool
+  dtype: Any
+  width: float
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -284,64 +275,56 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def computation_dtype(dtype) -> jnp.dtype:
-  """The jnp dtype named by `dtype` ("float32", "bfloat16" or either jnp dtype); else ValueError."""
+def dtype_name(dtype) -> Any:
+  """"bfloat16" for "bfloat16", jnp.bfloat16 or jnp.dtype("bfloat16"); `dtype` itself if jnp
+  reads no dtype from it ("fp32"), for the error message."""
   try:
-    canonical = jnp.dtype(dtype)
+    return jnp.dtype(dtype).name
   except TypeError:
-    canonical = None
-  if canonical is None or canonical.name not in DTYPES:
-    raise ValueError(f"model dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-  return canonical
+    return dtype
 
 
-def get_model(name: str, *, num_classes: int, skip: bool = True, shortcut: str = "A",
-              variant: str = "v1.5", zero_init_residual: bool = False, bn_momentum: float = 0.9,
-              bn_epsilon: float = 1e-5, bn_fast_variance: bool = False, dtype="float32",
-              width: float = 1) -> nn.Module:
-  """The network `name` ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
+def get_model(name: str, *, num_classes: int, **options) -> ResNet:
+  """The network `name`, built as `config.model` says: get_model(num_classes=10, **config.model).
 
   Args:
-    name: CIFAR depths 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200.
+    name: CIFAR depths 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200
+      ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
     num_classes: outputs of the dense head.
-    skip: False builds the plain twin (no shortcut additions, no projection layers).
-    shortcut: "A" (zero-pad) or "B" (1x1 projection); CIFAR family only, ImageNet always "B".
-    variant: "v1", "v1.5" or "v2" (pre-activation); ImageNet family only.
-    zero_init_residual: zero the last BN scale of every residual branch; needs skip=True.
-    bn_momentum: decay of BatchNorm's running averages (Flax's convention: torchvision's 0.1 is
-      0.9 here).
-    bn_epsilon: added to BatchNorm variances.
-    bn_fast_variance: BatchNorm variance in one pass, E[x^2] - E[x]^2, instead of two; faster,
-      but it cancels where a channel's mean dwarfs its spread.
-    dtype: computation dtype, "float32" or "bfloat16" (or the jnp dtype).
-    width: multiplier on the stem's and every stage's filters: 2 or 10 for wide nets, 0.25 or 0.5
-      for narrow ones (CIFAR stages of 4/8/16 or 8/16/32 filters); every product must be whole.
+    **options: `config.model`'s other fields, documented in config.default_config (skip,
+      shortcut, variant, zero_init_residual, bn_momentum, bn_epsilon, bn_fast_variance, dtype,
+      width); those left out take default_config()'s values. `dtype` may be a name or a jnp
+      dtype. `variant` picks the ImageNet layout; the others become ResNet's fields, but
+      ImageNet nets always project their shortcuts ("B").
 
   Raises:
-    ValueError: an unknown name or depth, shortcut, variant or dtype, a width that is not
-      positive or leaves a fractional filter count, or zero_init_residual on a plain twin.
+    ValueError: every problem architectures.model_errors finds (the check config.validate
+      makes), e.g. an unknown name or depth, a width that leaves a fractional filter count, or
+      zero_init_residual on a plain twin.
+    TypeError: an option that is not a field of `config.model`.
   """
-  family, depth = model_depth(name)
-  if shortcut not in SHORTCUTS:
-    raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)}; got {shortcut!r}")
-  if variant not in VARIANTS:
-    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-  check_width(family, width)
-  if zero_init_residual and not skip:
-    # The plain twin has no residual branch; zeroing its BN scales would cut the signal.
-    raise ValueError("zero_init_residual=True needs skip=True: a plain net has no residual branch")
-  common = dict(num_classes=num_classes, skip=skip, zero_init_residual=zero_init_residual,
-                bn_momentum=bn_momentum, bn_epsilon=bn_epsilon,
-                bn_fast_variance=bn_fast_variance, dtype=computation_dtype(dtype),
-                width=width)
+  defaults = dict(config_lib.default_config().model)
+  del defaults["name"]  # The argument `name`.
+  unknown = sorted(set(options) - set(defaults))
+  if unknown:
+    raise TypeError(f"get_model got unknown options {unknown}; config.model's other fields are "
+                    f"{', '.join(defaults)}")
+  options = {**defaults, **options}
+  options["dtype"] = dtype_name(options["dtype"])
+  errors = architectures.model_errors(name=name, **options)
+  if errors:
+    raise ValueError("invalid model:\n  " + "\n  ".join(errors))
+  variant = options.pop("variant")
+  family, depth = architectures.family_and_depth(name)
   if family == "cifar":
-    n = (depth - 2) // 6
-    return ResNet(stage_sizes=(n, n, n), stage_filters=CIFAR_STAGE_FILTERS,
-                  branch_convs=basic_branch, stem=CIFAR_STEM, shortcut=shortcut, **common)
-  if depth < 50:
-    branch_convs = basic_branch
+    layout = dict(stem=CIFAR_STEM, branch_convs=basic_branch, preact=False)
   else:
-    branch_convs = functools.partial(bottleneck_branch, stride_on_3x3=variant != "v1")
-  return ResNet(stage_sizes=IMAGENET_STAGE_SIZES[depth], stage_filters=IMAGENET_STAGE_FILTERS,
-                branch_convs=branch_convs, stem=IMAGENET_STEM, preact=variant == "v2",
-                shortcut="B", **common)
+    if architectures.uses_bottleneck(family, depth):
+      branch_convs = functools.partial(bottleneck_branch, stride_on_3x3=variant != "v1")
+    else:
+      branch_convs = basic_branch
+    layout = dict(stem=IMAGENET_STEM, branch_convs=branch_convs, preact=variant == "v2",
+                  shortcut="B")
+  return ResNet(stage_sizes=architectures.stage_sizes(family, depth),
+                stage_filters=architectures.STAGE_FILTERS[family], num_classes=num_classes,
+                **{**options, **layout, "dtype": jnp.dtype(options["dtype"])})

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from resnet_jax import config as config_lib
+
 # The injected hyperparameters that `set_hyperparams` may change.
 HYPERPARAMS = ("learning_rate", "momentum", "weight_decay")
 
@@ -33,7 +35,7 @@ def peak_learning_rate(opt_cfg: ml_collections.ConfigDict, batch_size: int) -> f
 def _boundary_steps(opt_cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
   """The step-decay boundaries in steps; epochs become round(epochs * steps_per_epoch)."""
   if opt_cfg.boundaries_unit == "epochs":
-    return [round(b * steps_per_epoch) for b in opt_cfg.boundaries]
+    return [config_lib.epochs_to_steps(b, steps_per_epoch) for b in opt_cfg.boundaries]
   return [int(b) for b in opt_cfg.boundaries]
 
 

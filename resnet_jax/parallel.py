@@ -66,12 +66,6 @@ def put_replicated(tree, mesh: Mesh):
                       tree)
 
 
-def put_batch(tree, mesh: Mesh):
-  """Turns each process's slice of the global batch into one global array sharded on `data`."""
-  sharding = batch_sharded(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
-
-
 def to_host(tree):
   """Fetches replicated arrays as numpy, on every process (no cross-host transfer needed)."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

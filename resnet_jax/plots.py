@@ -2,7 +2,7 @@
 beside the paper's Table 6, and gradient flow through the blocks.
 
 Each function takes `Run`s (what a sweep varied, the run's summary.json and its metrics.jsonl
-events; `sweep.load_runs` builds them) and writes one file. Figures are drawn on a bare
+events; `results.load_runs` builds them) and writes one file. Figures are drawn on a bare
 `matplotlib.figure.Figure` with the Agg canvas, so nothing here touches pyplot's global state or
 needs a display.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure
 
-from resnet_jax import diagnostics
+from resnet_jax import diagnostics, reporting
 
 # He et al. 2016, Table 6: CIFAR-10 test error (%) of the residual nets (110: best of 5 runs).
 PAPER_CIFAR10_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
@@ -30,7 +30,7 @@ GRADIENT_FLOW_FILE = "gradient_flow.png"
 @dataclasses.dataclass(frozen=True)
 class Run:
   fields: dict[str, Any]  # What the sweep varied, e.g. {"depth": 56, "skip": False}.
-  summary: dict  # The run's summary.json; {} when it has none yet.
+  summary: reporting.Summary | None  # The run's summary.json; None when it has none yet.
   events: list[dict]  # The run's metrics.jsonl, in order.
 
 
@@ -67,8 +67,10 @@ def plot_error_curves(runs: Sequence[Run], path: str, *, title: str = "") -> Non
     for run in (r for r in runs if skip is None or r.fields.get("skip") == skip):
       style = dict(color=colours[_series(run)],
                    linestyle="--" if run.fields.get("skip") is False else "-")
-      train = [(e["step"], 100 * e["train_error"]) for e in run.events if e["event"] == "train"]
-      test = [(e["step"], 100 * e["test_error"]) for e in run.events if e["event"] == "eval"]
+      train = [(e["step"], 100 * e["train_error"]) for e in run.events
+               if e["event"] == reporting.TRAIN]
+      test = [(e["step"], 100 * e["test_error"]) for e in run.events
+              if e["event"] == reporting.EVAL]
       if train:
         ax.plot(*zip(*train), linewidth=0.9, alpha=0.7, **style)
       if test:
@@ -194,14 +196,15 @@ def _colours(runs: Sequence[Run]) -> dict[tuple, Any]:
 
 
 def _diagnostics(run: Run) -> list[dict]:
-  return [e for e in run.events if e["event"] == "diagnostics"]
+  return [e for e in run.events if e["event"] == reporting.DIAGNOSTICS]
 
 
 def _final_error(run: Run | None, column: str) -> str:
   if run is None:
     return "-"
-  status = run.summary.get("status", "pending")
-  value = run.summary.get(column)
-  if status != "completed" or not isinstance(value, (int, float)) or not math.isfinite(value):
-    return status
+  if run.summary is None:
+    return "pending"  # results.PENDING, spelled out: results imports this module.
+  value = getattr(run.summary, column)
+  if run.summary.status != reporting.COMPLETED or not math.isfinite(value):
+    return run.summary.status
   return f"{100 * value:.2f}"

@@ -1,17 +1,22 @@
 """What a run writes for people and tools: metrics.jsonl, TensorBoard events, progress, summary.
 
-Only process 0 writes; on the other processes every method is a no-op. TensorBoard event files are
+The records are defined here once: `Summary` (summary.json, what a run returns and a sweep's table
+shows) and the event kinds of metrics.jsonl (`TRAIN`, `EVAL`, `DIAGNOSTICS`). Only process 0
+writes; on the other processes every Reporter method is a no-op. TensorBoard event files are
 written with tensorboardX, so no TensorFlow is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 import uuid
+from typing import Any
 
 import tqdm
 
@@ -19,19 +24,81 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 
+# The kinds of event in metrics.jsonl, its "event" field.
+TRAIN = "train"  # Every log_every steps: step, epoch, loss, train_error, lr, img_per_s, ...
+EVAL = "eval"  # test_loss, test_error of the running-average network.
+DIAGNOSTICS = "diagnostics"  # Per-block grad_norm and activation_rms (diagnostics.py).
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file of its own and a rename: readers never see
-  half a file, and concurrent writers (sweep workers, job-array tasks) never share a temporary."""
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # Plain open(): the file gets the umask's permissions.
+# How a run ended, Summary.status. A sweep's table adds "started" (a workdir, no summary yet)
+# and "pending" (not started).
+COMPLETED = "completed"  # Trained config.num_steps steps.
+DIVERGED = "diverged"  # The loss became NaN or Inf; running it again would diverge again.
+PREEMPTED = "preempted"  # Stopped by SIGTERM or SIGINT, its last step checkpointed.
+FAILED = "failed"  # Raised; the message says what.
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """How a run ended: summary.json, what `train.train_and_evaluate` returns. Errors are fractions,
+  losses per example; nan where not measured (a run that ended before its first log)."""
+  status: str  # COMPLETED, DIVERGED, PREEMPTED or FAILED.
+  message: str
+  step: int  # Steps trained.
+  train_loss: float  # Over the last log window.
+  train_error: float
+  test_error: float  # At the last evaluation.
+  best_test_error: float  # Over every evaluation of the run.
+  wall_time_s: float  # Over every segment of a resumed run.
+  num_params: int
+
+  @classmethod
+  def failed(cls, message: str, **fields: Any) -> "Summary":
+    """A FAILED summary with nothing measured (nan), except `fields`."""
+    nan = float("nan")
+    values = dict(status=FAILED, message=message, step=0, train_loss=nan, train_error=nan,
+                  test_error=nan, best_test_error=nan, wall_time_s=0.0, num_params=0)
+    return cls(**{**values, **fields})
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def write(self, workdir: str) -> None:
+    write_json_atomic(os.path.join(workdir, SUMMARY_FILE), self.to_dict())
+
+  @classmethod
+  def read(cls, workdir: str) -> "Summary | None":
+    """The workdir's summary.json, or None when it has none."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      stored = json.load(f)
+    return cls(**{field.name: stored[field.name] for field in dataclasses.fields(cls)})
+
+
+SUMMARY_COLUMNS = tuple(field.name for field in dataclasses.fields(Summary))
+
+
+@contextlib.contextmanager
+def open_atomic(path: str, mode: str = "w"):
+  """Opens a temporary file of its own beside `path`, renamed onto `path` when the block ends
+  without an error (and removed when it raises): readers never see half a file, and concurrent
+  writers (sweep workers, job-array tasks) never share a temporary. The file gets the umask's
+  permissions, like a plain open()."""
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    with open(tmp, mode) as f:
+      yield f
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  with open_atomic(path) as f:
+    f.write(text)
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -115,7 +182,7 @@ class Reporter:
     return time.time() - self._start
 
   def write(self, event: dict) -> None:
-    """Records one event: {"event": "train"|"eval"|"diagnostics", "step": int, ...}."""
+    """Records one event: {"event": TRAIN | EVAL | DIAGNOSTICS, "step": int, ...}."""
     if not self.enabled:
       return
     self._metrics.write(json.dumps(event) + "\n")
@@ -127,7 +194,7 @@ class Reporter:
           self._tb.add_scalar(f"{kind}/{key}/{name}", v, step)
       elif key not in ("event", "step") and isinstance(value, (int, float)):
         self._tb.add_scalar(f"{kind}/{key}", value, step)
-    if kind == "diagnostics":
+    if kind == DIAGNOSTICS:
       return
     shown = {k: v for k, v in event.items()
              if k in ("loss", "train_error", "test_error", "lr", "img_per_s")}
@@ -136,7 +203,7 @@ class Reporter:
       self._bar.update(step - self._step)
       self._step = step
       self._bar.set_postfix_str(text)
-      if kind == "eval":
+      if kind == EVAL:
         self._bar.write(f"step {step}: {text}")
     else:
       print(f"[{kind}] step {step} epoch {event.get('epoch', 0):.2f} {text}", flush=True)

@@ -150,11 +150,6 @@ def data_source(dataset_cfg: ml_collections.ConfigDict, split: str):
   return tfds.data_source(dataset_cfg.name, split=split, data_dir=dataset_cfg.data_dir or None)
 
 
-def split_size(dataset_cfg: ml_collections.ConfigDict, split: str) -> int:
-  """Number of examples in `split`, e.g. to turn epochs into steps."""
-  return len(data_source(dataset_cfg, split))
-
-
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
   """The share of the global batch one host reads."""
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -174,9 +169,13 @@ def _process_index_and_count(process_index: int | None,
 
 def _to_iter_dataset(ds: grain.MapDataset, worker_count: int) -> grain.IterDataset:
   if worker_count and not flags.FLAGS.is_parsed():
-    # Grain 0.2.18 reads one of its absl flags when it starts workers, and fails unless flags
-    # were parsed (google/grain#1355): true under pytest, notebooks, or a non-absl entry point.
-    flags.FLAGS.mark_as_parsed()
+    # Grain 0.2.18 reads one of its absl flags when it starts workers, and fails with an obscure
+    # error unless flags were parsed (google/grain#1355). The entry points parse them; a library
+    # must not change that global state behind its caller's back.
+    raise RuntimeError(
+        "Grain worker processes (config.dataset.worker_count > 0) need absl flags parsed: "
+        "run through an absl entry point (python -m resnet_jax.main), or call "
+        "absl.flags.FLAGS.mark_as_parsed() first (notebooks, tests), or set worker_count=0")
   return ds.to_iter_dataset(_READ_OPTIONS).mp_prefetch(
       grain.MultiprocessingOptions(num_workers=worker_count))
 

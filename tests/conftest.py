@@ -19,6 +19,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+# pytest is this process's entry point: it parses no absl flags, but Grain's worker processes
+# read one (see resnet_jax/stream.py), so the defaults stand as parsed.
+flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session")

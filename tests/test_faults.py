@@ -89,16 +89,11 @@ def tmp_dirs(workdir: str) -> list[str]:
   return glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
 
 
-def read_json(path) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def straight_run(prepared_data_dir, tmp_path_factory) -> str:
   """The uninterrupted run every faulted run must end equal to."""
   workdir = str(tmp_path_factory.mktemp("straight") / "run")
-  assert train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)["status"] == "completed"
+  assert train.train_and_evaluate(tiny_config(prepared_data_dir), workdir).status == "completed"
   return workdir
 
 
@@ -112,17 +107,17 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_bitwise(
   run.send_signal(signal.SIGTERM)
   assert run.wait(timeout=120) == cli.EXIT_PREEMPTED == 75
 
-  summary = read_json(os.path.join(workdir, "summary.json"))
-  stopped = summary["step"]
-  assert summary["status"] == "preempted" and 2 <= stopped < NUM_STEPS
-  assert "SIGTERM" in summary["message"]
+  summary = reporting.Summary.read(workdir)
+  stopped = summary.step
+  assert summary.status == "preempted" and 2 <= stopped < NUM_STEPS
+  assert "SIGTERM" in summary.message
   assert checkpoints.steps(os.path.join(workdir, "checkpoints"))[0] == stopped
   assert logged_steps(workdir)[-1] == stopped  # Its loss is logged too.
   assert tmp_dirs(workdir) == []  # The save completed before the exit.
-  assert np.isfinite(summary["train_loss"])
+  assert np.isfinite(summary.train_loss)
 
   resumed = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
-  assert resumed["status"] == "completed"
+  assert resumed.status == "completed"
   assert_same_state(workdir, straight_run)
 
 
@@ -138,8 +133,8 @@ def test_sigint_stops_the_same_way_in_process(prepared_data_dir, tmp_path, monke
 
   monkeypatch.setattr(checkpoints.Saver, "save", save_then_interrupt)
   summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
-  assert summary["status"] == "preempted" and "SIGINT" in summary["message"]
-  assert summary["step"] == 4  # The step after the signal, logged and checkpointed.
+  assert summary.status == "preempted" and "SIGINT" in summary.message
+  assert summary.step == 4  # The step after the signal, logged and checkpointed.
   assert checkpoints.steps(os.path.join(workdir, "checkpoints")) == [4, 3]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
 
@@ -156,7 +151,7 @@ def test_kill_9_during_an_async_save_resumes_bitwise(prepared_data_dir, straight
 
   summary = train.train_and_evaluate(tiny_config(prepared_data_dir, checkpoint_every=1),
                                      workdir)
-  assert summary["status"] == "completed"
+  assert summary.status == "completed"
   assert 0 < committed[0] < NUM_STEPS
   assert tmp_dirs(workdir) == []
   assert_same_state(workdir, straight_run)
@@ -197,7 +192,7 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one
 
   summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
   warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-  assert summary["status"] == "completed"
+  assert summary.status == "completed"
   assert_same_state(workdir, straight_run)  # Resumed from step 3, not from the bad step 6.
   kept = os.path.join(workdir, checkpoints.UNUSABLE_DIR, "6")
   assert warnings == [f"warning: checkpoint {bad} is unusable: file state/"
@@ -269,7 +264,7 @@ def test_summary_lost_after_the_final_checkpoint_is_rebuilt_from_the_records(
 
   rebuilt = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
   for field in ("status", "step", "train_loss", "train_error", "test_error", "num_params"):
-    assert rebuilt[field] == summary[field]
+    assert getattr(rebuilt, field) == getattr(summary, field)
   assert [e["event"] for e in reporting.read_metrics(workdir)] == ["train"] * 3 + ["eval"]
 
 
@@ -287,7 +282,7 @@ def test_torn_last_metrics_line_is_dropped_and_the_clock_runs_on(
       ("train", 1), ("train", 2), ("train", 3), ("eval", 3), ("train", 4), ("train", 5),
       ("eval", 5)]
   # wall_time_s counts both segments: the second starts where the checkpoint at step 3 left it.
-  assert second["wall_time_s"] > first["wall_time_s"] > 0
+  assert second.wall_time_s > first.wall_time_s > 0
   times = [e["wall_time_s"] for e in events]
   assert times == sorted(times)
 
@@ -319,7 +314,7 @@ def test_lock_of_a_killed_process_does_not_block_the_resume(prepared_data_dir, t
   holder.kill()
   holder.wait()
   summary = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=1), workdir)
-  assert summary["status"] == "completed"
+  assert summary.status == "completed"
 
 
 # --- Disk full ---
@@ -353,11 +348,11 @@ def test_disk_full_is_one_error_a_failed_summary_and_resumes_once_space_is_back(
   assert result.returncode == cli.EXIT_FAILED, result.stderr
   assert result.stderr.startswith("error: disk full") and result.stderr.count("\n") == 1, (
       result.stderr)
-  summary = read_json(os.path.join(workdir, "summary.json"))
-  assert summary["status"] == "failed" and "No space left on device" in summary["message"]
+  summary = reporting.Summary.read(workdir)
+  assert summary.status == "failed" and "No space left on device" in summary.message
 
   subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-  assert train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)["status"] == (
+  assert train.train_and_evaluate(tiny_config(prepared_data_dir), workdir).status == (
       "completed")
   assert_same_state(workdir, straight_run)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from resnet_jax import config as config_lib
 from resnet_jax.models import IMAGENET_STEM, ResNet, bottleneck_branch, get_model
 
 CIFAR_INPUT = (2, 32, 32, 3)
@@ -260,7 +261,9 @@ def tiny_zero_init_net_at_init(request):
   """
   model = ResNet(stage_sizes=(1, 2), stage_filters=(4, 8), num_classes=3, stem=IMAGENET_STEM,
                  branch_convs=functools.partial(bottleneck_branch, stride_on_3x3=True),
-                 preact=request.param, shortcut="B", zero_init_residual=True)
+                 preact=request.param, skip=True, shortcut="B", zero_init_residual=True,
+                 bn_momentum=0.9, bn_epsilon=1e-5, bn_fast_variance=False, dtype=jnp.float32,
+                 width=1)
   x = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
   return jax.jit(lambda x: model.init_with_output(
       jax.random.key(0), x, train=False, capture_intermediates=True)[1])(x)
@@ -333,6 +336,23 @@ def test_bad_option_raises_with_the_allowed_values(kwargs, allowed):
 @pytest.mark.parametrize("dtype", ["bfloat16", jnp.bfloat16, jnp.dtype("bfloat16")])
 def test_dtype_accepts_names_and_jnp_dtypes(dtype):
   assert get_model("resnet20", num_classes=10, dtype=dtype).dtype == jnp.bfloat16
+
+
+def test_default_config_model_section_builds_the_option_a_resnet20():
+  model = get_model(num_classes=10, **config_lib.default_config().model)
+  assert (model.stage_sizes, tuple(model.stage_filters)) == ((3, 3, 3), (16, 32, 64))
+  assert (model.shortcut, model.skip, model.dtype) == ("A", True, jnp.float32)
+  assert param_count(model) == 269_722
+
+
+def test_imagenet_nets_project_their_shortcuts_whatever_the_shortcut_option():
+  assert get_model("resnet18", num_classes=10, shortcut="A").shortcut == "B"
+
+
+def test_option_that_config_model_lacks_raises_type_error_listing_its_fields():
+  with pytest.raises(TypeError, match=r"unknown options \['depth'\]; config.model's other "
+                     r"fields are bn_epsilon, bn_fast_variance"):
+    get_model("resnet20", num_classes=10, depth=56)
 
 
 def test_batch_norm_stats_over_a_sharded_batch_equal_the_unsharded_ones(resnet20_variables):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import ml_collections
 import pytest
 
-from resnet_jax import plots, reporting, sweep
+from resnet_jax import plots, points, reporting, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,15 +24,17 @@ def fake_run(depth: int, skip: bool, *, train_error: float, test_error: float,
   blocks = ["stem", *(f"stage1_block{b}" for b in range(1, (depth - 2) // 6 + 1)), "head"]
   for step in (100, 200, 300):
     fraction = step / 300
-    events.append({"event": "train", "step": step, "train_error": 0.9 - fraction * (
+    events.append({"event": reporting.TRAIN, "step": step, "train_error": 0.9 - fraction * (
         0.9 - train_error)})
-    events.append({"event": "eval", "step": step, "test_error": 0.9 - fraction * (
+    events.append({"event": reporting.EVAL, "step": step, "test_error": 0.9 - fraction * (
         0.9 - test_error)})
     if diagnostics:
-      events.append({"event": "diagnostics", "step": step - 100,
+      events.append({"event": reporting.DIAGNOSTICS, "step": step - 100,
                      "grad_norm": {b: 0.1 * (i + 1) for i, b in enumerate(blocks)},
                      "activation_rms": {b: 1.0 + i for i, b in enumerate(blocks[1:-1])}})
-  summary = {"status": status, "train_error": train_error, "test_error": test_error}
+  summary = reporting.Summary(status=status, message="", step=300, train_loss=0.1,
+                              train_error=train_error, test_error=test_error,
+                              best_test_error=test_error, wall_time_s=30.0, num_params=1000)
   return plots.Run({"depth": depth, "skip": skip}, summary, events)
 
 
@@ -55,7 +58,7 @@ def test_error_curves_are_written_as_a_png(tmp_path):
 
 
 def test_error_curves_of_a_sweep_without_skip_have_one_panel(tmp_path):
-  runs = [plots.Run({"lr": lr}, {}, fake_run(20, True, train_error=0.1, test_error=0.1).events)
+  runs = [plots.Run({"lr": lr}, None, fake_run(20, True, train_error=0.1, test_error=0.1).events)
           for lr in (0.05, 0.1)]
   path = tmp_path / "curves.png"
   plots.plot_error_curves(runs, str(path))
@@ -96,6 +99,13 @@ def test_ablation_table_shows_the_status_of_a_run_that_did_not_complete():
       "| 56 | diverged | diverged | 2.00 | 7.00 |")
 
 
+def test_ablation_table_shows_a_run_without_a_summary_as_pending():
+  runs = ablation_runs()
+  runs[2] = plots.Run({"depth": 56, "skip": False}, None, [])
+  assert plots.ablation_table(runs, dataset="mnist").splitlines()[-1] == (
+      "| 56 | pending | pending | 2.00 | 7.00 |")
+
+
 def test_write_sweep_figures_writes_curves_table_and_gradient_flow(tmp_path):
   paths = plots.write_sweep_figures(ablation_runs(diagnostics=True), str(tmp_path),
                                     dataset="fashion_mnist")
@@ -105,10 +115,10 @@ def test_write_sweep_figures_writes_curves_table_and_gradient_flow(tmp_path):
 
 
 def write_sweep_workdir(workdir) -> None:
-  """A finished two-point sweep on disk, as resnet_jax.sweep leaves it."""
+  """A finished two-point sweep on disk, as `python -m resnet_jax.sweep` leaves it."""
   config = ml_collections.ConfigDict({
       "base": "configs/fashion_mnist.py", "fixed": {"diagnostics_every": 100},
-      "points": sweep.product(sweep.axis("depth", [20]), sweep.axis("skip", [False, True]))})
+      "points": points.product(points.axis("depth", [20]), points.axis("skip", [False, True]))})
   runs = {"depth=20,skip=false": fake_run(20, False, train_error=0.05, test_error=0.09,
                                           diagnostics=True),
           "depth=20,skip=true": fake_run(20, True, train_error=0.04, test_error=0.08,
@@ -118,22 +128,24 @@ def write_sweep_workdir(workdir) -> None:
     run = runs[os.path.basename(point_dir)]
     with open(os.path.join(point_dir, reporting.METRICS_FILE), "w") as f:
       f.writelines(json.dumps(e) + "\n" for e in run.events)
-    return {**run.summary, "step": point_config.num_steps, "message": "finished"}
+    return dataclasses.replace(run.summary, step=point_config.num_steps, message="finished")
 
-  sweep.run_sweep(config, str(workdir), run_fn=replay)
+  runner.run_sweep(config, str(workdir), run_fn=replay)
 
 
-@pytest.mark.parametrize("script, outputs", [
-    ("plot_ablation.py", ["error_curves.png", "ablation_table.md"]),
-    ("plot_gradients.py", ["gradient_flow.png"])])
-def test_experiment_scripts_plot_a_finished_sweep(tmp_path, script, outputs):
-  write_sweep_workdir(tmp_path / "sweep")
-  out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", script),
-                        f"--workdir={tmp_path / 'sweep'}", f"--out_dir={tmp_path / 'figs'}"],
-                       cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+def test_plot_command_writes_a_finished_sweeps_figures_into_its_workdir(tmp_path):
+  write_sweep_workdir(tmp_path)
+  out = subprocess.run([sys.executable, "-m", "resnet_jax.sweep", f"--workdir={tmp_path}",
+                        "--plot"], cwd=REPO, capture_output=True, text=True, check=False,
+                       timeout=120)
   assert out.returncode == 0, out.stderr
-  assert sorted(os.listdir(tmp_path / "figs")) == sorted(outputs)
-  assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in outputs)
+  names = ["error_curves.png", "ablation_table.md", "gradient_flow.png"]
+  assert [line for line in out.stdout.splitlines() if line.startswith("wrote ")] == [
+      f"wrote {tmp_path / name}" for name in names]
+  assert_png(tmp_path / "error_curves.png")
+  assert_png(tmp_path / "gradient_flow.png")
+  with open(tmp_path / "ablation_table.md") as f:
+    assert f.read().splitlines()[-1] == "| 20 | 5.00 | 9.00 | 4.00 | 8.00 |"
 
 
 def test_run_label_names_plain_and_residual_nets_by_depth():

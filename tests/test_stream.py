@@ -79,9 +79,9 @@ def assert_images_match_labels(batch: dict) -> None:
   np.testing.assert_allclose(mean_colours, expected, atol=3)
 
 
-def test_split_size_counts_examples(dataset_cfg):
-  assert stream.split_size(dataset_cfg, "train") == NUM_TRAIN
-  assert stream.split_size(dataset_cfg, "validation") == NUM_EVAL
+def test_data_source_reads_every_example_of_the_split(dataset_cfg):
+  assert len(stream.data_source(dataset_cfg, "train")) == NUM_TRAIN
+  assert len(stream.data_source(dataset_cfg, "validation")) == NUM_EVAL
 
 
 def test_train_batches_are_the_host_share_of_the_global_batch(dataset_cfg):

@@ -1,13 +1,15 @@
-"""Sweeps: expansion and naming, skip/resume, failure isolation, results, the command line.
+"""Sweeps: skip/resume, failure isolation, worker processes, results, the command line.
 
 Most tests run the sweep machinery with a fake run function that records its calls and returns
-a summary, so no network is trained; the last test runs real tiny runs end to end.
+a summary, so no network is trained; the last test runs real tiny runs end to end. The points
+language and the run configs it expands to: tests/test_points.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -19,18 +21,14 @@ import time
 import ml_collections
 import pytest
 
-from resnet_jax import diagnostics, lock, optim, reporting, sweep
+from resnet_jax import diagnostics, lock, points, reporting, results, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_sweep(points, base="configs/fashion_mnist.py", fixed=None) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"base": base, "fixed": fixed or {}, "points": points})
-
-
-def load_sweep_file(name: str) -> ml_collections.ConfigDict:
-  path = os.path.join(REPO, "configs", "sweeps", name)
-  return sweep._load_get_config(path)()
+def make_sweep(sweep_points, base="configs/fashion_mnist.py",
+               fixed=None) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"base": base, "fixed": fixed or {}, "points": sweep_points})
 
 
 class FakeRun:
@@ -45,13 +43,14 @@ class FakeRun:
     if config.seed == 13:
       raise RuntimeError("out of memory")
     depth = int(config.model.name[len("resnet"):])
-    summary = {"status": "completed", "message": "finished", "step": config.num_steps,
-               "train_loss": 0.1, "train_error": depth / 1000, "test_error": depth / 500,
-               "best_test_error": depth / 600, "wall_time_s": 12.5, "num_params": 1000 * depth}
+    summary = reporting.Summary(
+        status=reporting.COMPLETED, message="finished", step=config.num_steps, train_loss=0.1,
+        train_error=depth / 1000, test_error=depth / 500, best_test_error=depth / 600,
+        wall_time_s=12.5, num_params=1000 * depth)
     if config.optimizer.lr >= 1e6:
-      summary.update(status="diverged", message="loss became NaN/Inf at or before step 3",
-                     step=3)
-    reporting.write_json_atomic(os.path.join(workdir, reporting.SUMMARY_FILE), summary)
+      summary = dataclasses.replace(summary, status=reporting.DIVERGED,
+                                    message="loss became NaN/Inf at or before step 3", step=3)
+    summary.write(workdir)
     return summary
 
 
@@ -59,130 +58,27 @@ def called_names(fake: FakeRun) -> list[str]:
   return [name for name, _ in fake.calls]
 
 
-# --- Expansion and naming ---
-
-def test_product_varies_the_last_axis_fastest():
-  points = sweep.product(sweep.axis("depth", [20, 56]), sweep.axis("skip", [False, True]))
-  assert points == [{"depth": 20, "skip": False}, {"depth": 20, "skip": True},
-                    {"depth": 56, "skip": False}, {"depth": 56, "skip": True}]
-
-
-def test_zipped_pairs_points_by_position():
-  points = sweep.zipped(sweep.axis("batch_size", [64, 128]), sweep.axis("num_steps", [800, 400]))
-  assert points == [{"batch_size": 64, "num_steps": 800}, {"batch_size": 128, "num_steps": 400}]
-
-
-def test_chain_appends_points():
-  points = sweep.chain(sweep.axis("depth", [20]),
-                       sweep.product(sweep.axis("depth", [56]), sweep.axis("lr", [0.05])))
-  assert points == [{"depth": 20}, {"depth": 56, "lr": 0.05}]
-
-
-def test_zipped_rejects_parts_of_unequal_length():
-  with pytest.raises(ValueError, match=r"same number of points; got \[2, 3\]"):
-    sweep.zipped(sweep.axis("batch_size", [64, 128]), sweep.axis("num_steps", [1, 2, 3]))
-
-
-def test_product_rejects_a_field_set_twice():
-  with pytest.raises(ValueError, match="depth set twice"):
-    sweep.product(sweep.axis("depth", [20]), sweep.axis("depth", [56]))
-
-
-def test_point_name_lists_the_fields_in_order():
-  assert sweep.point_name({"depth": 56, "skip": False, "lr": 0.1}) == "depth=56,skip=false,lr=0.1"
-  assert sweep.point_name({"wd": 1e-5, "optimizer.nesterov": True}) == (
-      "wd=1e-05,optimizer.nesterov=true")
-
-
-def test_expand_sets_model_arguments_aliases_and_dotted_fields():
-  config = sweep.expand(make_sweep(
-      [{"depth": 56, "skip": False, "lr": 0.05, "wd": 5e-4, "seed": 3,
-        "optimizer.nesterov": True}]))[0].config
-  assert (config.model.name, config.model.skip) == ("resnet56", False)
-  assert (config.optimizer.lr, config.optimizer.weight_decay) == (0.05, 5e-4)
-  assert (config.seed, config.optimizer.nesterov) == (3, True)
-
-
-def test_fixed_fields_apply_to_every_point_and_points_override_them():
-  points = sweep.expand(make_sweep(sweep.axis("lr", [0.3, 0.4]),
-                                   fixed={"num_steps": 70, "optimizer": {"lr": 0.2}}))
-  assert [(p.config.num_steps, p.config.optimizer.lr) for p in points] == [(70, 0.3), (70, 0.4)]
-
-
-def test_depth_reaches_the_base_config_so_resnet110_warm_starts():
-  points = sweep.expand(make_sweep(sweep.axis("depth", [56, 110]), base="configs/cifar10.py"))
-  warmups = [(p.config.optimizer.warmup, p.config.optimizer.warmup_steps,
-              p.config.optimizer.warmup_factor) for p in points]
-  assert warmups == [("linear", 0, 0.1), ("constant", 400, 0.1)]
-
-
-def test_cifar10_ablation_runs_the_papers_protocol():
-  points = sweep.expand(load_sweep_file("ablation_cifar10.py"))
-  assert [(p.config.model.name, p.config.model.skip) for p in points] == [
-      (f"resnet{d}", s) for d in (20, 32, 44, 56, 110) for s in (False, True)]
-  for p in points:
-    opt = p.config.optimizer
-    assert (p.config.dataset.name, p.config.batch_size, p.config.num_steps) == (
-        "cifar10", 128, 64_000)
-    assert (opt.lr, opt.momentum, opt.weight_decay, opt.schedule) == (0.1, 0.9, 1e-4, "step")
-    assert (tuple(opt.boundaries), opt.decay_factor) == ((32_000, 48_000), 0.1)
-    assert opt.warmup_steps == (400 if p.fields["depth"] == 110 else 0)
-
-
-@pytest.mark.parametrize("name, depths, steps", [
-    ("ablation_fashion_mnist.py", (20, 56), 600),
-    ("ablation_fashion_mnist_gpu.py", (110, 56, 20), 2812),
-])
-def test_fashion_mnist_ablations_pair_every_depth_with_its_plain_twin(name, depths, steps):
-  points = sweep.expand(load_sweep_file(name))
-  assert [(p.config.model.name, p.config.model.skip) for p in points] == [
-      (f"resnet{d}", s) for d in depths for s in (False, True)]
-  assert {(p.config.dataset.name, p.config.num_steps) for p in points} == {("fashion_mnist", steps)}
-  with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
-    assert f"--config=configs/sweeps/{name}" in f.read()
-
-
-def test_batch_size_sweep_scales_the_learning_rate_linearly():
-  points = sweep.expand(load_sweep_file("batch_size_fashion_mnist.py"))
-  peaks = {p.config.batch_size: optim.peak_learning_rate(p.config.optimizer, p.config.batch_size)
-           for p in points}
-  assert peaks == pytest.approx({32: 0.025, 64: 0.05, 128: 0.1, 256: 0.2})
-  assert {p.config.batch_size * p.config.num_steps for p in points} == {51_200}
-
+# --- Running ---
 
 def test_unknown_field_raises_before_any_run(tmp_path):
   fake = FakeRun()
   bad = make_sweep([{"depth": 20}, {"depth": 20, "optimizer.lrr": 0.1}])
   with pytest.raises(ValueError, match="unknown config field 'optimizer.lrr'"):
-    sweep.run_sweep(bad, str(tmp_path), run_fn=fake)
+    runner.run_sweep(bad, str(tmp_path), run_fn=fake)
   assert fake.calls == [] and os.listdir(tmp_path) == []
 
 
 def test_invalid_value_raises_before_any_run(tmp_path):
   fake = FakeRun()
   with pytest.raises(ValueError, match=r"(?s)point 1 \{.depth.: 21\}.*must be 6n\+2"):
-    sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 21])), str(tmp_path), run_fn=fake)
+    runner.run_sweep(make_sweep(points.axis("depth", [20, 21])), str(tmp_path), run_fn=fake)
   assert fake.calls == []
 
 
-def test_value_of_the_wrong_type_is_a_value_error():
-  with pytest.raises(ValueError, match="config field 'optimizer.lr'"):
-    sweep.expand(make_sweep([{"lr": "fast"}]))
-
-
-def test_unknown_sweep_field_is_rejected():
-  config = make_sweep(sweep.axis("depth", [20]))
-  config.pointz = []
-  with pytest.raises(ValueError, match=r"unknown: \['pointz'\]"):
-    sweep.expand(config)
-
-
-# --- Running ---
-
 def test_every_point_runs_in_a_workdir_named_after_its_fields(tmp_path):
   fake = FakeRun()
-  config = make_sweep(sweep.product(sweep.axis("depth", [20, 56]), sweep.axis("skip", [False])))
-  sweep.run_sweep(config, str(tmp_path), run_fn=fake)
+  config = make_sweep(points.product(points.axis("depth", [20, 56]), points.axis("skip", [False])))
+  runner.run_sweep(config, str(tmp_path), run_fn=fake)
   assert called_names(fake) == ["depth=20,skip=false", "depth=56,skip=false"]
   assert [c.model.name for _, c in fake.calls] == ["resnet20", "resnet56"]
   assert sorted(os.listdir(tmp_path)) == [
@@ -190,53 +86,65 @@ def test_every_point_runs_in_a_workdir_named_after_its_fields(tmp_path):
 
 
 def test_rerun_skips_finished_points(tmp_path):
-  config = make_sweep(sweep.axis("depth", [20, 56]))
-  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  config = make_sweep(points.axis("depth", [20, 56]))
+  runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
   again = FakeRun()
-  rows = sweep.run_sweep(config, str(tmp_path), run_fn=again)
+  rows = runner.run_sweep(config, str(tmp_path), run_fn=again)
   assert again.calls == []
   assert [r["status"] for r in rows] == ["completed", "completed"]
 
 
 def test_rerun_resumes_a_point_that_completed_fewer_steps(tmp_path):
-  short = make_sweep(sweep.axis("depth", [20]), fixed={"num_steps": 50})
-  sweep.run_sweep(short, str(tmp_path), run_fn=FakeRun())
+  short = make_sweep(points.axis("depth", [20]), fixed={"num_steps": 50})
+  runner.run_sweep(short, str(tmp_path), run_fn=FakeRun())
   longer = FakeRun()
-  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20]), fixed={"num_steps": 90}),
-                         str(tmp_path), run_fn=longer)
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20]), fixed={"num_steps": 90}),
+                          str(tmp_path), run_fn=longer)
   assert called_names(longer) == ["depth=20"]
   assert rows[0]["step"] == 90
 
 
+def test_rerun_skips_a_completed_point_counted_in_epochs_whatever_its_steps(tmp_path):
+  # Its step count is known only once the run reads its data; a run started anyway re-checks.
+  runner.run_sweep(make_sweep(points.axis("depth", [20]), fixed={"num_steps": 50}),
+                   str(tmp_path), run_fn=FakeRun())
+  again = FakeRun()
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20]),
+                                     fixed={"num_steps": 90, "num_epochs": 2}),
+                          str(tmp_path), run_fn=again)
+  assert again.calls == []
+  assert (rows[0]["status"], rows[0]["step"]) == ("completed", 50)
+
+
 def test_rerun_retries_an_interrupted_point(tmp_path):
-  config = make_sweep(sweep.axis("depth", [20, 56]))
+  config = make_sweep(points.axis("depth", [20, 56]))
   os.makedirs(tmp_path / "depth=56")  # Started, killed before it wrote its summary.
-  assert [r["status"] for r in sweep.results_table(sweep.expand(config), str(tmp_path))] == [
+  assert [r["status"] for r in results.results_table(points.expand(config), str(tmp_path))] == [
       "pending", "started"]
   fake = FakeRun()
-  sweep.run_sweep(config, str(tmp_path), run_fn=fake)
+  runner.run_sweep(config, str(tmp_path), run_fn=fake)
   assert called_names(fake) == ["depth=20", "depth=56"]
 
 
 def test_diverged_point_is_recorded_and_the_sweep_goes_on(tmp_path):
   fake = FakeRun()
-  rows = sweep.run_sweep(make_sweep(sweep.axis("lr", [1e6, 0.1])), str(tmp_path), run_fn=fake)
+  rows = runner.run_sweep(make_sweep(points.axis("lr", [1e6, 0.1])), str(tmp_path), run_fn=fake)
   assert called_names(fake) == ["lr=1000000.0", "lr=0.1"]
   assert [(r["status"], r["step"]) for r in rows] == [("diverged", 3), ("completed", 400)]
   assert "NaN" in rows[0]["message"]
 
 
 def test_diverged_point_is_not_run_again(tmp_path):
-  config = make_sweep(sweep.axis("lr", [1e6]))
-  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  config = make_sweep(points.axis("lr", [1e6]))
+  runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
   again = FakeRun()
-  sweep.run_sweep(config, str(tmp_path), run_fn=again)
+  runner.run_sweep(config, str(tmp_path), run_fn=again)
   assert again.calls == []
 
 
 def test_exception_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
   fake = FakeRun()
-  rows = sweep.run_sweep(make_sweep(sweep.axis("seed", [13, 0])), str(tmp_path), run_fn=fake)
+  rows = runner.run_sweep(make_sweep(points.axis("seed", [13, 0])), str(tmp_path), run_fn=fake)
   assert called_names(fake) == ["seed=13", "seed=0"]
   assert [r["status"] for r in rows] == ["failed", "completed"]
   assert rows[0]["message"] == "RuntimeError: out of memory"
@@ -245,17 +153,17 @@ def test_exception_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
 
 
 def test_failed_point_is_retried_on_rerun(tmp_path):
-  config = make_sweep(sweep.axis("seed", [13]))
-  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  config = make_sweep(points.axis("seed", [13]))
+  runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
   again = FakeRun()
-  sweep.run_sweep(config, str(tmp_path), run_fn=again)
+  runner.run_sweep(config, str(tmp_path), run_fn=again)
   assert called_names(again) == ["seed=13"]
 
 
 def test_point_index_runs_only_that_point(tmp_path):
   fake = FakeRun()
-  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32, 44])), str(tmp_path),
-                         run_fn=fake, point_index=1)
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32, 44])), str(tmp_path),
+                          run_fn=fake, point_index=1)
   assert called_names(fake) == ["depth=32"]
   assert [r["status"] for r in rows] == ["pending", "completed", "pending"]
 
@@ -263,30 +171,30 @@ def test_point_index_runs_only_that_point(tmp_path):
 def test_concurrent_array_tasks_of_one_sweep_do_not_collide_on_its_files(tmp_path):
   # Job-array tasks and --parallel workers each rewrite sweep.json and results.csv; a shared
   # temporary file name made one task's rename fail when another had just renamed it.
-  config = make_sweep(sweep.axis("depth", [20, 32, 44, 56]))
+  config = make_sweep(points.axis("depth", [20, 32, 44, 56]))
 
   def task(i):
     for _ in range(25):
-      sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun(), point_index=i)
+      runner.run_sweep(config, str(tmp_path), run_fn=FakeRun(), point_index=i)
 
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     list(pool.map(task, range(4)))  # Re-raises any task's exception.
-  rows = sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  rows = runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
   assert [row["status"] for row in rows] == ["completed"] * 4
   assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_point_index_out_of_range_is_rejected(tmp_path):
   with pytest.raises(ValueError, match=r"point_index must be in \[0, 1\]; got 2"):
-    sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), run_fn=FakeRun(),
-                    point_index=2)
+    runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path),
+                     run_fn=FakeRun(), point_index=2)
 
 
 def test_a_second_whole_sweep_on_the_same_workdir_is_refused(tmp_path):
-  config = make_sweep(sweep.axis("depth", [20]))
+  config = make_sweep(points.axis("depth", [20]))
   with lock.WorkdirLock(str(tmp_path)):
     with pytest.raises(lock.WorkdirError, match=f"in use by pid {os.getpid()}"):
-      sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+      runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
 
 
 def test_sigterm_between_points_stops_the_sweep_before_the_next(tmp_path):
@@ -297,7 +205,7 @@ def test_sigterm_between_points_stops_the_sweep_before_the_next(tmp_path):
       return summary
 
   fake = SignalledRun()
-  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), run_fn=fake)
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path), run_fn=fake)
   assert called_names(fake) == ["depth=20"]
   assert [r["status"] for r in rows] == ["completed", "pending"]
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # The sweep's handler is gone.
@@ -306,13 +214,14 @@ def test_sigterm_between_points_stops_the_sweep_before_the_next(tmp_path):
 # --- Results ---
 
 def test_results_csv_has_one_row_per_point_with_fields_and_results(tmp_path):
-  config = make_sweep(sweep.chain(
-      sweep.product(sweep.axis("depth", [20]), sweep.axis("skip", [False, True])),
+  config = make_sweep(points.chain(
+      points.product(points.axis("depth", [20]), points.axis("skip", [False, True])),
       [{"depth": 56, "skip": True, "lr": 1e6}]))
-  sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
   with open(tmp_path / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == ["name", "depth", "skip", "lr", *sweep.SUMMARY_COLUMNS]
+  assert list(rows[0]) == ["name", "depth", "skip", "lr", "status", "train_error", "test_error",
+                           "best_test_error", "step", "wall_time_s", "num_params", "message"]
   assert [(r["name"], r["skip"], r["lr"], r["status"]) for r in rows] == [
       ("depth=20,skip=false", "false", "", "completed"),
       ("depth=20,skip=true", "true", "", "completed"),
@@ -323,8 +232,8 @@ def test_results_csv_has_one_row_per_point_with_fields_and_results(tmp_path):
 
 
 def test_table_shows_errors_in_percent_and_the_messages_of_failures(tmp_path):
-  config = make_sweep(sweep.axis("seed", [0, 13]))
-  table = sweep.format_table(sweep.run_sweep(config, str(tmp_path), run_fn=FakeRun()))
+  config = make_sweep(points.axis("seed", [0, 13]))
+  table = results.format_table(runner.run_sweep(config, str(tmp_path), run_fn=FakeRun()))
   lines = table.splitlines()
   assert lines[0].split() == ["name", "seed", "status", "train", "err", "%", "test", "err", "%",
                               "best", "test", "%", "steps", "time", "params"]
@@ -338,53 +247,56 @@ def test_table_shows_errors_in_percent_and_the_messages_of_failures(tmp_path):
 
 def fake_worker(monkeypatch, script: str) -> None:
   """Makes the parallel sweep run `script` (argv: workdir, index) instead of training."""
-  monkeypatch.setattr(sweep, "worker_command", lambda workdir, index: [
+  monkeypatch.setattr(runner, "worker_command", lambda workdir, index: [
       sys.executable, "-c", script, workdir, str(index)])
 
 
-WRITE_DEVICE_SUMMARY = """
-import json, os, sys
+# The start of every fake worker: finds its point and records summaries as a real worker does.
+WORKER = """
+import os, signal, sys, time
+from resnet_jax import reporting
 workdir, index = sys.argv[1], int(sys.argv[2])
-name = sorted(d for d in os.listdir(workdir) if "=" in d)[index]
-with open(os.path.join(workdir, name, "summary.json"), "w") as f:
-  json.dump({"status": "completed", "step": 2000,
-             "message": os.environ["CUDA_VISIBLE_DEVICES"]}, f)
+point_dir = os.path.join(workdir, sorted(d for d in os.listdir(workdir) if "=" in d)[index])
+def record(status, step, message):
+  nan = float("nan")
+  reporting.Summary(status=status, message=message, step=step, train_loss=nan, train_error=nan,
+                    test_error=nan, best_test_error=nan, wall_time_s=1.0, num_params=0
+                    ).write(point_dir)
+"""
+WRITE_DEVICE_SUMMARY = WORKER + """
+record("completed", 2000, os.environ["CUDA_VISIBLE_DEVICES"])
 """
 
 
 def test_parallel_workers_run_every_point_on_the_devices_in_turn(tmp_path, monkeypatch):
   fake_worker(monkeypatch, WRITE_DEVICE_SUMMARY)
-  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), parallel=2,
-                         devices=["3", "5"])
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path), parallel=2,
+                          devices=["3", "5"])
   assert [r["status"] for r in rows] == ["completed", "completed"]
   assert sorted(r["message"] for r in rows) == ["3", "5"]
 
 
 def test_parallel_worker_that_crashes_is_recorded_as_failed(tmp_path, monkeypatch):
   fake_worker(monkeypatch, "import sys; sys.exit(9)")
-  rows = sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 32])), str(tmp_path), parallel=2)
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path), parallel=2)
   assert [r["status"] for r in rows] == ["failed", "failed"]
   assert rows[0]["message"].startswith("worker process exited with code 9; see ")
 
 
-STOPPABLE_WORKER = """
-import json, os, signal, sys, time
-workdir, index = sys.argv[1], int(sys.argv[2])
-name = sorted(d for d in os.listdir(workdir) if "=" in d)[index]
-def record(status, code):
-  with open(os.path.join(workdir, name, "summary.json"), "w") as f:
-    json.dump({"status": status, "step": 7, "message": "stopped"}, f)
-  sys.exit(code)
-signal.signal(signal.SIGTERM, lambda *_: record("preempted", 75))
-open(os.path.join(workdir, name, "started"), "w").close()
+STOPPABLE_WORKER = WORKER + """
+def stop(*_):
+  record("preempted", 7, "stopped")
+  sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(point_dir, "started"), "w").close()
 time.sleep(120)
-record("completed", 0)
+record("completed", 7, "finished")
 """
 
 
 def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_starts_no_more(tmp_path, monkeypatch):
   fake_worker(monkeypatch, STOPPABLE_WORKER)
-  config = make_sweep(sweep.axis("depth", [20, 32, 44]))
+  config = make_sweep(points.axis("depth", [20, 32, 44]))
   started = [tmp_path / name / "started" for name in ("depth=20", "depth=32")]
 
   def preempt_once_both_run():
@@ -394,7 +306,7 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_starts_no_more(tmp_pa
 
   threading.Thread(target=preempt_once_both_run, daemon=True).start()
   begin = time.time()
-  rows = sweep.run_sweep(config, str(tmp_path), parallel=2)
+  rows = runner.run_sweep(config, str(tmp_path), parallel=2)
   assert time.time() - begin < 60  # Not the workers' 120 s: they were stopped.
   assert [r["status"] for r in rows] == ["preempted", "preempted", "pending"]
   assert not (tmp_path / "depth=44").exists()
@@ -417,7 +329,7 @@ def test_list_prints_index_and_name_of_every_point_and_runs_nothing(tmp_path):
 
 
 def test_report_reprints_a_finished_sweep_from_its_workdir_alone(tmp_path):
-  sweep.run_sweep(make_sweep(sweep.axis("depth", [20, 56])), str(tmp_path), run_fn=FakeRun())
+  runner.run_sweep(make_sweep(points.axis("depth", [20, 56])), str(tmp_path), run_fn=FakeRun())
   os.remove(tmp_path / "results.csv")
   out = run_cli(f"--workdir={tmp_path}", "--report")
   assert out.returncode == 0, out.stderr
@@ -430,14 +342,14 @@ def test_killed_parallel_sweep_leaves_no_worker_training(prepared_data_dir, tmp_
   # kill -9 of the parent: its workers get SIGTERM from the kernel and stop, checkpointed.
   sweep_file = tmp_path / "sweep.py"
   sweep_file.write_text(
-      "import ml_collections\nfrom resnet_jax import sweep\n"
+      "import ml_collections\nfrom resnet_jax import points\n"
       "def get_config():\n"
       "  return ml_collections.ConfigDict({'base': 'configs/fashion_mnist.py', 'fixed': {\n"
       f"      'dataset': {{'data_dir': {prepared_data_dir!r}, 'eval_split': 'test[:64]'}},\n"
       "      'batch_size': 16, 'eval_batch_size': 32, 'num_steps': 2000, 'log_every': 1,\n"
       # The program of tests/test_faults.py's runs: its compilation is cached.
       "      'optimizer': {'warmup_steps': 0, 'schedule': 'constant'}, 'progress_bar': False},\n"
-      "      'points': sweep.axis('seed', [0, 1])})\n")
+      "      'points': points.axis('seed', [0, 1])})\n")
   workdir = tmp_path / "runs"
   parent = subprocess.Popen([sys.executable, "-m", "resnet_jax.sweep", f"--config={sweep_file}",
                              f"--workdir={workdir}", "--parallel=2"], cwd=REPO,
@@ -463,11 +375,11 @@ def test_killed_parallel_sweep_leaves_no_worker_training(prepared_data_dir, tmp_
 
 def test_bad_sweep_file_fails_with_its_message(tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("import ml_collections\nfrom resnet_jax import sweep\n"
+  bad.write_text("import ml_collections\nfrom resnet_jax import points\n"
                  "def get_config():\n"
                  "  return ml_collections.ConfigDict({'base': 'configs/fashion_mnist.py',\n"
-                 "      'points': sweep.zipped(sweep.axis('lr', [0.1]),\n"
-                 "                             sweep.axis('seed', [0, 1]))})\n")
+                 "      'points': points.zipped(points.axis('lr', [0.1]),\n"
+                 "                             points.axis('seed', [0, 1]))})\n")
   out = run_cli(f"--config={bad}", f"--workdir={tmp_path / 'runs'}")
   assert out.returncode != 0
   assert "zipped parts must have the same number of points" in out.stderr
@@ -482,7 +394,7 @@ def test_real_tiny_sweep_records_results_diagnostics_and_divergence(prepared_dat
           "checkpoint_every": 0, "diagnostics_every": 2, "progress_bar": False,
           "optimizer": {"warmup_steps": 0}}
   config = make_sweep([{"skip": False}, {"skip": True, "lr": 1e30}], fixed=tiny)
-  rows = sweep.run_sweep(config, str(tmp_path))
+  rows = runner.run_sweep(config, str(tmp_path))
 
   assert [(r["name"], r["status"], r["num_params"]) for r in rows] == [
       ("skip=false", "completed", 269_434), ("skip=true,lr=1e+30", "diverged", 269_434)]

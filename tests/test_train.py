@@ -6,13 +6,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, config as config_lib, data, optim, reporting, train
+from resnet_jax import checkpoints, config as config_lib, data, parallel, reporting, sources, train
+from resnet_jax import trainer as trainer_lib
 
 
 def tiny_config(data_dir: str, **overrides):
@@ -46,12 +46,12 @@ def test_run_writes_config_metrics_summary_and_checkpoints(prepared_data_dir, tm
   workdir = str(tmp_path / "run")
   summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
 
-  assert summary["status"] == "completed"
-  assert summary["step"] == 4
-  assert 0.0 <= summary["test_error"] <= 1.0
-  assert summary["best_test_error"] == summary["test_error"]
-  assert summary["num_params"] == 269_434  # ResNet-20, option A, 1 input channel, 10 classes.
-  assert json.load(open(os.path.join(workdir, "summary.json"))) == summary
+  assert summary.status == "completed"
+  assert summary.step == 4
+  assert 0.0 <= summary.test_error <= 1.0
+  assert summary.best_test_error == summary.test_error
+  assert summary.num_params == 269_434  # ResNet-20, option A, 1 input channel, 10 classes.
+  assert json.load(open(os.path.join(workdir, "summary.json"))) == summary.to_dict()
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["name"] == "resnet20"
   events = reporting.read_metrics(workdir)
   assert [(e["event"], e["step"]) for e in events] == [("train", 2), ("train", 4), ("eval", 4)]
@@ -68,9 +68,9 @@ def test_diverging_run_stops_with_status_diverged(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   summary = train.train_and_evaluate(config, workdir)
 
-  assert summary["status"] == "diverged"
-  assert summary["step"] < 20
-  assert "NaN/Inf" in summary["message"]
+  assert summary.status == "diverged"
+  assert summary.step < 20
+  assert "NaN/Inf" in summary.message
   assert json.load(open(os.path.join(workdir, "summary.json")))["status"] == "diverged"
 
 
@@ -88,6 +88,17 @@ def test_checkpoint_of_another_config_is_refused_and_nothing_is_overwritten(
   assert after == before
 
 
+def test_checkpoint_written_before_a_config_field_existed_counts_it_as_its_default():
+  current = config_lib.default_config()
+  stored = current.to_dict()
+  del stored["optimizer"]["warmup_epochs"]  # A field added to resnet_jax after the checkpoint.
+
+  assert checkpoints.config_mismatches(stored, current) == []
+  current.optimizer.warmup_epochs = 2.0
+  assert checkpoints.config_mismatches(stored, current) == [
+      "optimizer.warmup_epochs: checkpoint 0.0, config 2.0"]
+
+
 def test_bad_config_is_rejected_before_the_workdir_is_created(prepared_data_dir, tmp_path):
   config = tiny_config(prepared_data_dir, batch_size=12)  # Not divisible by 8 devices.
   config.model.name = "resnet21"
@@ -99,28 +110,33 @@ def test_bad_config_is_rejected_before_the_workdir_is_created(prepared_data_dir,
   assert not workdir.exists()
 
 
+# Fashion-MNIST's shapes with round normalisation constants, for steps on synthetic batches.
+SYNTHETIC_INFO = data.DatasetInfo("fashion_mnist", num_classes=10, image_shape=(28, 28, 1),
+                                  num_train=60_000, num_eval=64, mean=(0.5,), std=(0.25,))
+
+
+def synthetic_trainer(config, mesh, batches: list[dict]) -> trainer_lib.Trainer:
+  """The trainer of `config` fed `batches` (host arrays), in order, sharded over `mesh`."""
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+  on_devices = [jax.device_put(batch, sharded) for batch in batches]
+  source = sources.DeviceBatches(iter(on_devices), sources.spec_of(on_devices[0]))
+  return trainer_lib.build(config, SYNTHETIC_INFO, mesh, source)
+
+
 def _run_steps(devices, config, batches):
   """Trains from the same initial state on `devices`; returns [(params, batch_stats)] per step."""
-  mesh = Mesh(np.array(devices), ("data",))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  sharded = NamedSharding(mesh, PartitionSpec("data"))
-  model = train.create_model(config, num_classes=10)
-  tx = optim.create_optimizer(config.optimizer, batch_size=config.batch_size, num_steps=10,
-                              steps_per_epoch=10)
-  state = jax.device_put(train.create_train_state(model, tx, seed=0, image_shape=(28, 28, 1)),
-                         replicated)
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, mean=(0.5,), std=(0.25,),
-                                               dtype=jnp.float32),
-                 out_shardings=(replicated, replicated))
+  trainer = synthetic_trainer(config, Mesh(np.array(devices), ("data",)), batches)
+  state, totals = trainer.init_state(), trainer.zero_totals()
   history = []
-  for batch in batches:
-    state, _ = step(state, jax.device_put(batch, sharded))
+  for _ in batches:
+    state, totals, _ = trainer.train(state, totals)
     history.append(jax.device_get((state.params, state.batch_stats)))
   return history
 
 
 def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
   config = config_lib.default_config()
+  config.num_steps = 10
   # A gentle rate: at 0.1 the second step amplifies a ReLU flip (below) to 15% of an update.
   config.optimizer.lr = 0.001
   rng = np.random.default_rng(0)
@@ -164,24 +180,21 @@ def test_streamed_imagenet_run_resumes_its_grain_iterator_exactly(tmp_path, monk
     train.train_and_evaluate(config(2), interrupted)
     resumed = train.train_and_evaluate(config(4), interrupted)
 
-  assert summary["status"] == resumed["status"] == "completed"
-  assert summary["num_params"] == 11_689_512  # ResNet-18 at 1000 classes, as torchvision.
+  assert summary.status == resumed.status == "completed"
+  assert summary.num_params == 11_689_512  # ResNet-18 at 1000 classes, as torchvision.
   assert os.path.isdir(os.path.join(interrupted, "checkpoints", "2", "data"))
   (_, params_a), (_, params_b) = final_params(straight), final_params(interrupted)
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
 def test_step_without_diagnostics_computes_none_of_their_norms():
-  config = config_lib.default_config()
-  model = train.create_model(config, num_classes=10)
-  tx = optim.create_optimizer(config.optimizer, batch_size=8, num_steps=10, steps_per_epoch=10)
-  state = train.create_train_state(model, tx, seed=0, image_shape=(28, 28, 1))
   batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros((8,), np.int32)}
+  trainer = synthetic_trainer(config_lib.default_config(), parallel.make_mesh(), [batch])
+  state, totals = trainer.init_state(), trainer.zero_totals()
+  inputs = trainer.source.train_spec
 
   def sqrt_count(with_diagnostics):
-    step = lambda s, b: train.train_step(s, b, model=model, tx=tx, mean=(0.5,), std=(0.25,),
-                                         dtype=jnp.float32, with_diagnostics=with_diagnostics)
-    jaxpr = str(jax.make_jaxpr(step)(state, batch))
+    jaxpr = str(trainer.train_programs[with_diagnostics].trace(state, totals, inputs).jaxpr)
     return jaxpr.count(" sqrt ")
 
   # BN uses rsqrt and SGD no square roots: every sqrt is a diagnostics norm (9 blocks' activation
@@ -196,7 +209,7 @@ def test_bfloat16_run_trains_and_writes_the_requested_profile(prepared_data_dir,
                        **{"model.dtype": "bfloat16"})
   summary = train.train_and_evaluate(config, str(workdir))
 
-  assert summary["status"] == "completed"
+  assert summary.status == "completed"
   losses = [e["loss"] for e in reporting.read_metrics(str(workdir)) if e["event"] == "train"]
   assert len(losses) == 2 and all(np.isfinite(losses))
   traces = list((workdir / "profile").rglob("*.xplane.pb"))

@@ -17,13 +17,13 @@ Hours per run on one GPU; far too slow for a CPU.
 
 import ml_collections
 
-from resnet_jax import sweep
+from resnet_jax import points
 
 
 def get_config():
   return ml_collections.ConfigDict({
       "base": "configs/cifar10.py",
       "fixed": {"diagnostics_every": 2000},
-      "points": sweep.product(sweep.axis("depth", [20, 32, 44, 56, 110]),
-                              sweep.axis("skip", [False, True])),
+      "points": points.product(points.axis("depth", [20, 32, 44, 56, 110]),
+                               points.axis("skip", [False, True])),
   })

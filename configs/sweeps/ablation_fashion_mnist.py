@@ -18,7 +18,7 @@ norm at the stem is about 500x its norm at the head (plain-20: 2.5x; ResNets: 0.
 
 import ml_collections
 
-from resnet_jax import sweep
+from resnet_jax import points
 
 
 def get_config():
@@ -27,5 +27,6 @@ def get_config():
       "fixed": {"batch_size": 128, "num_steps": 600, "log_every": 100, "eval_every": 0,
                 "checkpoint_every": 300, "diagnostics_every": 200,
                 "optimizer": {"lr": 0.1, "nesterov": True, "warmup_steps": 150}},
-      "points": sweep.product(sweep.axis("depth", [20, 56]), sweep.axis("skip", [False, True])),
+      "points": points.product(points.axis("depth", [20, 56]),
+                               points.axis("skip", [False, True])),
   })

@@ -13,13 +13,13 @@ linear scaling rule does not hold: batch 256 gets 200 updates, 20 of them warmup
 
 import ml_collections
 
-from resnet_jax import sweep
+from resnet_jax import points
 
 
 def get_config():
   return ml_collections.ConfigDict({
       "base": "configs/fashion_mnist.py",
       "fixed": {"optimizer": {"lr": 0.1, "base_batch_size": 128}, "checkpoint_every": 0},
-      "points": sweep.zipped(sweep.axis("batch_size", [32, 64, 128, 256]),
-                             sweep.axis("num_steps", [1600, 800, 400, 200])),
+      "points": points.zipped(points.axis("batch_size", [32, 64, 128, 256]),
+                              points.axis("num_steps", [1600, 800, 400, 200])),
   })

@@ -1,0 +1,227 @@
+"""Running a sweep's points: in this process one after another, or in worker processes at once.
+
+Each point is an ordinary run in its sub-workdir; a point that diverges or raises is recorded in
+its summary.json and the sweep goes on. SIGTERM or SIGINT stops the sweep the way it stops a run:
+the points in flight checkpoint and record PREEMPTED (worker processes are sent SIGTERM), no new
+point starts, and running the sweep again resumes them. A worker whose parent dies gets SIGTERM
+from the kernel (Linux's PR_SET_PDEATHSIG), so no worker outlives its sweep.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from absl import logging
+
+from resnet_jax import cli
+from resnet_jax import config as config_lib
+from resnet_jax import lock, points, preemption, reporting, results
+
+WORKER_LOG = "sweep_worker.log"  # A worker process's output, in its point's directory.
+# A parallel sweep's workers wait this long for a point whose previous worker is still stopping.
+WORKER_LOCK_TIMEOUT_S = 120
+_PARENT_ENV = "RESNET_JAX_SWEEP_PARENT"  # The parent's PID, in a parallel sweep's workers.
+
+RunFn = Callable[[ml_collections.ConfigDict, str], reporting.Summary]
+
+
+def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
+              run_fn: RunFn | None = None, point_index: int | None = None, parallel: int = 1,
+              devices: Sequence[str] = (), lock_timeout_s: float = 0.0) -> list[dict]:
+  """Runs the sweep's unfinished points, then writes and returns the results table.
+
+  Args:
+    sweep_config: see resnet_jax/points.py.
+    workdir: the sweep's directory; point i runs in workdir/<its name>. A whole sweep (no
+      point_index) locks it: a second one there is refused.
+    run_fn: runs one point, `(config, workdir) -> reporting.Summary`; default
+      `train.train_and_evaluate`. Only in-process: not with parallel > 1.
+    point_index: run this point only (a cluster array task); None runs them all.
+    parallel: points run at once, each in its own process.
+    devices: GPU ids handed out to those processes, in turn (CUDA_VISIBLE_DEVICES).
+    lock_timeout_s: how long a point waits for its workdir while another process holds it.
+
+  Returns:
+    results.results_table: one dict per point, in sweep order.
+  """
+  sweep = points.expand(sweep_config)
+  if point_index is not None and not 0 <= point_index < len(sweep):
+    raise config_lib.ConfigError(
+        f"point_index must be in [0, {len(sweep) - 1}]; got {point_index}")
+  if parallel < 1 or parallel > 1 and run_fn is not None:
+    raise config_lib.ConfigError(f"parallel must be >= 1, and 1 with a run_fn; got {parallel}")
+  sweep_lock = lock.WorkdirLock(workdir)
+  if point_index is None:
+    sweep_lock.acquire()  # Array tasks share the sweep's directory; whole sweeps do not.
+  else:
+    os.makedirs(workdir, exist_ok=True)
+  try:
+    points.save_sweep(sweep_config, workdir)
+    selected = sweep if point_index is None else [sweep[point_index]]
+    todo = []
+    for point in selected:
+      if is_finished(point.summary(workdir), point.config):
+        _say(point, "finished, skipped")
+      else:
+        todo.append(point)
+    if parallel > 1:
+      _run_in_processes(todo, workdir, parallel, list(devices))
+    else:
+      run_fn = run_fn or functools.partial(_train_and_evaluate, lock_timeout_s=lock_timeout_s)
+      with preemption.StopRequest() as stop:
+        for point in todo:
+          if stop.requested(0):
+            break
+          summary = run_point(point, workdir, run_fn)
+          if summary is not None and summary.status == reporting.PREEMPTED:
+            stop.request("the preempted point")
+    return results.write_results(sweep, workdir)
+  finally:
+    sweep_lock.release()
+
+
+def is_finished(summary: reporting.Summary | None, config: ml_collections.ConfigDict) -> bool:
+  """Diverged (running it again would diverge again), or completed to the config's num_steps.
+
+  With config.num_epochs > 0 the step count is known only once the run reads its data, so any
+  completed run counts as finished here; the run itself, if started, checks precisely.
+  """
+  if summary is None:
+    return False
+  if summary.status == reporting.DIVERGED:
+    return True
+  return summary.status == reporting.COMPLETED and (config.num_epochs > 0
+                                                    or summary.step >= config.num_steps)
+
+
+def run_point(point: points.Point, workdir: str, run_fn: RunFn) -> reporting.Summary | None:
+  """Runs one point in its sub-workdir; a failure is recorded in its summary, not raised.
+
+  Returns None for a point whose workdir another process holds: it is left to that process.
+  """
+  point_dir = point.run_dir(workdir)
+  _clear_summary(point_dir)
+  os.makedirs(point_dir, exist_ok=True)
+  _say(point, f"running in {point_dir}")
+  try:
+    summary = run_fn(point.config, point_dir)
+  except lock.WorkdirError as e:
+    reporting.warn(f"point {point.index} {point.name} skipped: {e}")
+    return None
+  except Exception as e:  # pylint: disable=broad-except  # One point must not stop the sweep.
+    logging.exception("point %d %s failed", point.index, point.name)  # --verbosity=-2 shows it.
+    reporting.warn(f"point {point.index} {point.name} failed: {reporting.brief(e)}")
+    # train_and_evaluate writes its own summary before re-raising, unless it failed too early.
+    summary = point.summary(workdir) or reporting.Summary.failed(f"{type(e).__name__}: {e}")
+  if point.summary(workdir) is None:
+    summary.write(point_dir)
+  _say(point, summary.status)
+  return summary
+
+
+def _say(point: points.Point, what: str) -> None:
+  print(f"point {point.index} {point.name}: {what}", flush=True)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                        lock_timeout_s: float = 0.0) -> reporting.Summary:
+  from resnet_jax import train  # Late: --list, --report and a parallel parent never train.
+  return train.train_and_evaluate(config, workdir, lock_timeout_s=lock_timeout_s)
+
+
+def _clear_summary(point_dir: str) -> None:
+  """A point about to run must not show the summary of its previous run."""
+  path = os.path.join(point_dir, reporting.SUMMARY_FILE)
+  if os.path.exists(path):
+    os.remove(path)
+
+
+# --- Worker processes ---
+
+def worker_command(workdir: str, index: int) -> list[str]:
+  """The command a parallel sweep runs for point `index` of the sweep saved in `workdir`."""
+  return [sys.executable, "-m", "resnet_jax.sweep", f"--workdir={workdir}",
+          f"--point_index={index}", f"--lock_timeout_s={WORKER_LOCK_TIMEOUT_S}"]
+
+
+def _run_in_processes(todo: list[points.Point], workdir: str, parallel: int,
+                      devices: list[str]) -> None:
+  """Runs the points in up to `parallel` worker processes; SIGTERM/SIGINT is passed on to them."""
+  slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+  for slot in range(parallel):
+    slots.put(slot)
+  running: dict[int, subprocess.Popen] = {}
+  guard = threading.Lock()
+
+  def forward_stop() -> None:
+    with guard:
+      for process in running.values():
+        with contextlib.suppress(ProcessLookupError):
+          process.send_signal(signal.SIGTERM)
+
+  def run(point: points.Point) -> None:
+    slot = slots.get()
+    try:
+      code = run_worker(point, slot)
+    finally:
+      slots.put(slot)
+    log_path = os.path.join(point.run_dir(workdir), WORKER_LOG)
+    if code is None:  # Not started: the sweep was stopped first.
+      return
+    if code == cli.EXIT_USAGE:
+      reporting.warn(f"point {point.index} {point.name} was not run; see {log_path}")
+    elif point.summary(workdir) is None:
+      reporting.Summary.failed(f"worker process exited with code {code}; see {log_path}").write(
+          point.run_dir(workdir))
+
+  def run_worker(point: points.Point, slot: int) -> int | None:
+    """The worker's exit code, or None if the sweep was stopped before it started."""
+    point_dir = point.run_dir(workdir)
+    env = dict(os.environ, **{_PARENT_ENV: str(os.getpid())})
+    if devices:
+      env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    with guard:  # A stop request either comes first, or finds this worker to signal.
+      if stop.requested(0):
+        return None
+      # Cleared here too: a worker that dies before starting must not leave an old summary.
+      _clear_summary(point_dir)
+      os.makedirs(point_dir, exist_ok=True)
+      log_path = os.path.join(point_dir, WORKER_LOG)
+      _say(point, f"running in a worker process, output in {log_path}")
+      with open(log_path, "a") as log:
+        running[point.index] = subprocess.Popen(worker_command(workdir, point.index), env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)
+    code = running[point.index].wait()
+    with guard:
+      del running[point.index]
+    return code
+
+  with preemption.StopRequest(on_request=forward_stop) as stop:
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      list(pool.map(run, todo))
+
+
+def stop_with_parent() -> None:
+  """In a parallel sweep's worker: SIGTERM when the parent dies, so none is left orphaned.
+
+  Linux's PR_SET_PDEATHSIG; the worker then stops like any run sent SIGTERM (checkpointed,
+  PREEMPTED), and the next sweep resumes it. Outside a worker, or off Linux, does nothing.
+  """
+  parent = os.environ.get(_PARENT_ENV)
+  if parent is None or not sys.platform.startswith("linux"):
+    return
+  pr_set_pdeathsig = 1
+  ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+  if os.getppid() != int(parent):  # The parent died before prctl took effect.
+    os.kill(os.getpid(), signal.SIGTERM)

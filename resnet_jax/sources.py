@@ -1,0 +1,126 @@
+"""Batch sources: where the compiled steps get their batches, and what a checkpoint saves of them.
+
+A source is not a trainer: `trainer.build` compiles the steps once and asks the source only for
+
+  train_inputs()            the argument the compiled train step takes at the next step;
+  train_spec                its shapes, dtypes and shardings, to compile ahead of the first step;
+  train_batch(inputs, state)  traced inside the step: {"image": uint8 [B, H, W, C] augmented,
+                            "label": int32 [B]};
+  eval_inputs()             one pass over the eval split, one argument per compiled eval step;
+  eval_batch(inputs)        traced inside the eval step: the batch with "mask": bool [B];
+  checkpoint_items(restore)  extra Orbax items saved with each checkpoint ({} when none).
+
+`InMemory` holds small datasets (Fashion-MNIST, MNIST, CIFAR) on the devices whole: the step
+gathers and augments its own batch by index, a pure function of (seed, step), so nothing is saved.
+`DeviceBatches` takes batches already on the devices from any iterator: the Grain stream
+(`streamed`, whose iterator position is checkpointed), a benchmark's fixed batch, a test's list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from resnet_jax import data, parallel
+
+
+def make_source(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh):
+  """The configured dataset's source: streamed for data.STREAMED datasets, else in memory."""
+  if config.dataset.name in data.STREAMED:
+    return streamed(config, info, mesh)
+  return InMemory(config, info, mesh)
+
+
+class InMemory:
+  """Both splits on every device as uint8; batches gathered inside the compiled steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh):
+    cfg = config.dataset
+    load = lambda split: dict(zip(("image", "label"), data.load_split(cfg, split)))
+    self._train = parallel.put_replicated(load(cfg.train_split), mesh)
+    self._eval = parallel.put_replicated(load(cfg.eval_split), mesh)
+    # The eval batches never change: their indices and masks go to the devices once.
+    self._eval_batches = parallel.put_replicated(
+        data.eval_batches(info.num_eval, config.eval_batch_size), mesh)
+    self._sharding = parallel.batch_sharded(mesh)
+    self._augment = dict(batch_size=config.batch_size, crop_padding=cfg.crop_padding,
+                         flip=cfg.flip)
+    self.train_spec = spec_of(self._train)
+
+  def train_inputs(self):
+    return self._train
+
+  def train_batch(self, arrays, state) -> dict:
+    return data.train_batch(arrays, state.seed, state.step, sharding=self._sharding,
+                            **self._augment)
+
+  def eval_inputs(self) -> Iterable:
+    return [(self._eval, idx, mask) for idx, mask in self._eval_batches]
+
+  def eval_batch(self, inputs) -> dict:
+    arrays, idx, mask = inputs
+    idx = jax.lax.with_sharding_constraint(idx, self._sharding)
+    return {"image": arrays["image"][idx], "label": arrays["label"][idx], "mask": mask}
+
+  def checkpoint_items(self, restore: bool) -> dict:
+    del restore  # The batch order is a function of (seed, step): nothing to save or restore.
+    return {}
+
+
+@dataclasses.dataclass
+class DeviceBatches:
+  """Batches already on the devices: `train` yields the next training batch, `eval` (iterated
+  once per evaluation) the padded eval batches. `checkpoint` gives the extra items to save
+  (restore=False) or restore (restore=True)."""
+  train: Iterator[dict]
+  train_spec: dict  # jax.ShapeDtypeStruct per array of a training batch.
+  eval: Iterable[dict] = ()
+  checkpoint: Callable[[bool], dict] = lambda restore: {}
+
+  def train_inputs(self) -> dict:
+    return next(self.train)
+
+  def train_batch(self, batch: dict, state) -> dict:
+    del state
+    return batch
+
+  def eval_inputs(self) -> Iterable[dict]:
+    return self.eval
+
+  def eval_batch(self, batch: dict) -> dict:
+    return batch
+
+  def checkpoint_items(self, restore: bool) -> dict:
+    return self.checkpoint(restore)
+
+
+def streamed(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh) -> DeviceBatches:
+  """The Grain stream (resnet_jax/stream.py): workers decode and augment, two batches in flight.
+
+  Its iterator's position is saved with every checkpoint, so a resumed run continues the stream.
+  """
+  import grain  # Only streaming runs need Grain's worker machinery.
+  from resnet_jax import stream
+  sharded = parallel.batch_sharded(mesh)
+  train = iter(stream.prefetch_to_device(
+      stream.make_train_dataset(config.dataset, global_batch_size=config.batch_size,
+                                seed=config.seed), size=2, sharding=sharded))
+  evaluation = stream.prefetch_to_device(
+      stream.make_eval_dataset(config.dataset, global_batch_size=config.eval_batch_size),
+      size=2, sharding=sharded)
+  shape = (config.batch_size, *info.image_shape)
+  spec = {"image": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=sharded),
+          "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=sharded)}
+  save, restore = grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+  return DeviceBatches(train, spec, evaluation,
+                       lambda is_restore: {"data": (restore if is_restore else save)(train)})
+
+
+def spec_of(tree: Any):
+  """The jax.ShapeDtypeStruct (sharding included) of every array of `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
