@@ -6,14 +6,24 @@
 #      and PyTorch side by side;
 #   3. experiments/preemption_drill.py on configs/fashion_mnist_gpu.py: SIGTERM mid-run, the
 #      exit code, the checkpointed step, seconds to stop, and a bitwise resume;
-#   4. configs/sweeps/ablation_fashion_mnist_gpu.py with its plots.
-# Usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS]
-# writes JSON lines and a tarball to OUT_DIR; each part is cut short so that the whole ends within
-# SECONDS (default 540), since a GPU lease is short. 6.2 minutes on one H100 (jax 0.11.2) without
-# part 3; all four parts took 7.1 minutes on one H200.
+#   4. configs/sweeps/ablation_fashion_mnist_gpu.py with its plots;
+#   5. configs/sweeps/lr_depth_fashion_mnist_gpu.py (the lr x depth trainability map) with its
+#      plots.
+# Usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]
+# writes JSON lines and tarballs to OUT_DIR; each part is cut short so that the whole ends within
+# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5") picks the parts,
+# so that a lease too short for all of them can run part 5 on its own: `... OUT_DIR 330 5`.
+# 6.2 minutes on one H100 (jax 0.11.2) without parts 3 and 5; parts 1-4 took 7.1 minutes on one
+# H200. Part 5 is not yet measured (sized at about 4 minutes on one H100; capped at 270 s).
 set -u
-out=${1:?usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS]}
+usage="usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]"
+out=${1:?$usage}
 deadline=$((SECONDS + ${2:-540}))
+parts=" ${3:-1 2 3 4 5} "
+# Whether part $1 is to run.
+want() {
+  [[ $parts == *" $1 "* ]]
+}
 # The smaller of the cap $1 and the seconds left before the deadline (keeping 20 s to pack up).
 limit() {
   local left=$((deadline - SECONDS - 20))
@@ -25,6 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 timeout $(limit 120) python -m resnet_jax.prepare fashion_mnist 2>&1 | tail -1
 
+if want 1; then
 echo "== 1. configs/fashion_mnist_gpu.py"
 timeout $(limit 150) python -m resnet_jax.main --config=configs/fashion_mnist_gpu.py \
     --workdir="$runs/fashion_mnist_gpu" 2>&1 | tail -1
@@ -44,21 +55,39 @@ print(f"training {seconds:.1f} s for {last} steps ({last * batch / seconds:,.0f}
       f"compile {train[0].get('compile_s')} s, final train error {train[-1]['train_error']:.4f}, "
       f"test accuracy {100 * (1 - evals[-1]['test_error']):.2f}%")
 PY
+fi
 
+if want 2; then
 echo "== 2. experiments/bench.py"
 timeout $(limit 150) python experiments/bench.py --model=resnet20 --batch_size=128,512 \
     --dtype=bfloat16 --json_out="$out/bench.jsonl" 2>&1 | tail -6
 timeout $(limit 150) python experiments/bench.py --model=resnet50 --batch_size=256 \
     --dtype=bfloat16 --image_size=224 --num_classes=1000 --json_out="$out/bench.jsonl" 2>&1 \
     | tail -4
+fi
 
+if want 3; then
 echo "== 3. experiments/preemption_drill.py"
 timeout $(limit 120) python experiments/preemption_drill.py --config=configs/fashion_mnist_gpu.py \
     --num_steps=1200 --signal_after=400 --json_out="$out/preemption_drill.jsonl" 2>&1 | tail -2
+fi
 
+if want 4; then
 echo "== 4. configs/sweeps/ablation_fashion_mnist_gpu.py"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout $(limit 330) python -m resnet_jax.sweep \
     --config=configs/sweeps/ablation_fashion_mnist_gpu.py --workdir="$runs/ablation" \
     --parallel=3 --devices=0,0,0 2>&1 | tail -9
 python -m resnet_jax.sweep --workdir="$runs/ablation" --plot 2>&1 | tail -3
 tar czf "$out/ablation.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" ablation
+fi
+
+if want 5; then
+echo "== 5. configs/sweeps/lr_depth_fashion_mnist_gpu.py"
+# 36 points, three at a time; with the compilation cache each depth and skip compiles once.
+JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
+    timeout $(limit 270) python -m resnet_jax.sweep \
+    --config=configs/sweeps/lr_depth_fashion_mnist_gpu.py --workdir="$runs/lr_depth" \
+    --parallel=3 --devices=0,0,0 2>&1 | tail -39
+python -m resnet_jax.sweep --workdir="$runs/lr_depth" --plot 2>&1 | tail -3
+tar czf "$out/lr_depth.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" lr_depth
+fi

@@ -51,7 +51,10 @@ _HASH_CHUNK = 1 << 20
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "profile_steps", "progress_bar", "diagnostics_every", "eval_batch_size",
-    "dataset.data_dir",
+    "dataset.data_dir", "num_epochs", "eval_every_epochs", "checkpoint_every_epochs",
+    # Instruments measure the run without changing it.
+    "sharpness_every", "sharpness_top", "sharpness_iters", "sharpness_batch_size",
+    "noise_scale_every", "noise_scale_parts",
 })
 
 

@@ -1,5 +1,7 @@
 """Figures and tables of finished runs: error curves as in He et al. 2016 Figure 6, final errors
-beside the paper's Table 6, and gradient flow through the blocks.
+beside the paper's Table 6, gradient flow through the blocks, the lr x depth trainability map, and
+the instruments of curvature.py (sharpness beside the optimiser's stability threshold, the
+gradient noise scale).
 
 Each function takes `Run`s (what a sweep varied, the run's summary.json and its metrics.jsonl
 events; `results.load_runs` builds them) and writes one file. Figures are drawn on a bare
@@ -16,7 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from resnet_jax import diagnostics, reporting
 
@@ -25,6 +29,13 @@ PAPER_CIFAR10_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
 ERROR_CURVES_FILE = "error_curves.png"
 ABLATION_TABLE_FILE = "ablation_table.md"
 GRADIENT_FLOW_FILE = "gradient_flow.png"
+SHARPNESS_FILE = "sharpness.png"
+NOISE_SCALE_FILE = "noise_scale.png"
+# The noise scale's estimates are averaged over measurements with this decay per measurement
+# (about the last 1 / (1 - decay) = 10 of them) before dividing (smoothed_noise_scale).
+NOISE_SCALE_EMA = 0.9
+TRAINABILITY_MAP_FILE = "trainability_map.png"
+MAP_FIELDS = ("lr", "depth", "skip")  # What a sweep varies for the trainability map.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +48,27 @@ class Run:
 def write_sweep_figures(runs: Sequence[Run], out_dir: str, *, dataset: str) -> list[str]:
   """Writes every figure and table that fits the runs; returns their paths.
 
-  Always the error curves; the ablation table when the runs vary depth and skip; the
-  gradient-flow figure when they recorded diagnostics.
+  Always the error curves; the ablation table when the runs vary depth and skip, or the
+  trainability map instead when they vary the learning rate too; the gradient-flow figure when
+  they recorded diagnostics; the sharpness and noise-scale figures when they recorded those.
   """
   paths = [os.path.join(out_dir, ERROR_CURVES_FILE)]
   plot_error_curves(runs, paths[-1], title=dataset)
-  if any("depth" in r.fields and "skip" in r.fields for r in runs):
+  if any(all(f in r.fields for f in MAP_FIELDS) for r in runs):
+    paths.append(os.path.join(out_dir, TRAINABILITY_MAP_FILE))
+    plot_trainability_map(runs, paths[-1], title=dataset)
+  elif any("depth" in r.fields and "skip" in r.fields for r in runs):
     paths.append(os.path.join(out_dir, ABLATION_TABLE_FILE))
     with open(paths[-1], "w") as f:
       f.write(ablation_table(runs, dataset=dataset) + "\n")
   if any(_diagnostics(r) for r in runs):
     paths.append(os.path.join(out_dir, GRADIENT_FLOW_FILE))
     plot_gradient_flow(runs, paths[-1])
+  for kind, name, plot in ((reporting.SHARPNESS, SHARPNESS_FILE, plot_sharpness),
+                           (reporting.NOISE_SCALE, NOISE_SCALE_FILE, plot_noise_scale)):
+    if any(_events(r, kind) for r in runs):
+      paths.append(os.path.join(out_dir, name))
+      plot(runs, paths[-1])
   return paths
 
 
@@ -167,6 +187,171 @@ def plot_gradient_flow(runs: Sequence[Run], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def trainability_grid(runs: Sequence[Run]) -> tuple[
+    list[float], list[int], dict[bool, np.ndarray], dict[bool, np.ndarray]]:
+  """The lr x depth map of each skip setting: final training error and how each run ended.
+
+  Returns (lrs, depths, errors, statuses): the learning rates and depths the runs set,
+  ascending; for skip False (plain) and True (ResNet), errors[skip] float [depths, lrs] holds the
+  final train_error (a fraction) of a completed run and nan elsewhere, and statuses[skip] str
+  [depths, lrs] the run's status ("pending" without a summary; "" where no run is).
+
+  Raises:
+    ValueError: when no run sets lr, depth and skip, or two runs share a cell (average them over
+      seeds first).
+  """
+  cells: dict[tuple[bool, int, float], Run] = {}
+  for run in runs:
+    if not all(f in run.fields for f in MAP_FIELDS):
+      continue
+    key = (bool(run.fields["skip"]), int(run.fields["depth"]), float(run.fields["lr"]))
+    if key in cells:
+      raise ValueError(f"the trainability map needs one run per lr, depth and skip; "
+                       f"{cells[key].fields} and {run.fields} share one")
+    cells[key] = run
+  if not cells:
+    raise ValueError(f"no run sets all of {', '.join(MAP_FIELDS)}: sweep them with points.product")
+  lrs = sorted({lr for _, _, lr in cells})
+  depths = sorted({depth for _, depth, _ in cells})
+  shape = (len(depths), len(lrs))
+  errors = {skip: np.full(shape, np.nan) for skip in (False, True)}
+  statuses = {skip: np.full(shape, "", dtype=object) for skip in (False, True)}
+  for (skip, depth, lr), run in cells.items():
+    cell = (depths.index(depth), lrs.index(lr))
+    # "pending" is results.PENDING, spelled out: results imports this module.
+    statuses[skip][cell] = run.summary.status if run.summary else "pending"
+    if statuses[skip][cell] == reporting.COMPLETED:
+      errors[skip][cell] = run.summary.train_error
+  return lrs, depths, errors, statuses
+
+
+def plot_trainability_map(runs: Sequence[Run], path: str, *, title: str = "") -> None:
+  """Final training error (%) over peak learning rate (columns) and depth (rows), plain nets
+  left and ResNets right on one colour scale (trainability_grid's values).
+
+  A diverged run is hatched and says "diverged"; one that failed, was preempted or has not
+  finished is blank with its status.
+  """
+  lrs, depths, errors, statuses = trainability_grid(runs)
+  finite = [100 * v for grid in errors.values() for v in grid[np.isfinite(grid)]]
+  norm = matplotlib.colors.Normalize(0, max(finite, default=100))
+  cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+  fig = Figure(figsize=(2.4 + 1.8 * len(lrs), 1.8 + 0.6 * len(depths)), layout="constrained")
+  axes = fig.subplots(1, 2, sharey=True)
+  for ax, skip, heading in zip(axes, (False, True), ("plain networks", "residual networks")):
+    image = ax.imshow(100 * errors[skip], cmap=cmap, norm=norm, origin="lower", aspect="auto")
+    for (row, col), status in np.ndenumerate(statuses[skip]):
+      value = 100 * errors[skip][row, col]
+      diverged = status == reporting.DIVERGED
+      if diverged:
+        ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="xx",
+                               edgecolor="0.6", linewidth=0))
+      text = f"{value:.1f}" if math.isfinite(value) else status
+      dark = math.isfinite(value) and norm(value) < 0.6  # viridis is dark at its low end.
+      ax.text(col, row, text, ha="center", va="center", fontsize="small",
+              color="white" if dark else "black",
+              bbox=dict(facecolor="white", edgecolor="none") if diverged else None)
+    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+    ax.set_xlabel("peak learning rate")
+    ax.set_title(heading)
+  axes[0].set_ylabel("depth")
+  fig.colorbar(image, ax=axes, label="final training error (%)")
+  if title:
+    fig.suptitle(title)
+  fig.savefig(path, dpi=120)
+
+
+def plot_sharpness(runs: Sequence[Run], path: str) -> None:
+  """The top Hessian eigenvalue of the training loss against iterations, log scale (bold), with
+  each run's stability threshold at its learning rate (thin, same colour and style): 2/η for SGD,
+  (2 + 2β)/η with heavy-ball momentum β, (2 + 2β)/(η(1 + 2β)) with Nesterov's
+  (curvature.stability_threshold). Cohen et al. (ICLR 2021) find the sharpness rising until it
+  meets the threshold and hovering there. One line per run: plain nets dashed, residual nets
+  solid, one colour per depth.
+
+  Raises:
+    ValueError: when no run recorded sharpness.
+  """
+  recorded, colours, fig, ax = _over_steps(runs, reporting.SHARPNESS, "config.sharpness_every")
+  for run in recorded:
+    events = _events(run, reporting.SHARPNESS)
+    style = dict(color=colours[_series(run)],
+                 linestyle="--" if run.fields.get("skip") is False else "-")
+    ax.plot([e["step"] for e in events], [e["sharpness"] for e in events], linewidth=2,
+            marker="o" if len(events) < 4 else None, label=run_label(run.fields), **style)
+    # LARS records no threshold (None): its trust ratios give each layer a step of its own.
+    thresholds = [(e["step"], e["threshold"]) for e in events if e["threshold"] is not None]
+    if thresholds:
+      ax.plot(*zip(*thresholds), linewidth=0.8, alpha=0.8, **style)
+  ax.set_yscale("log")
+  ax.set_xlabel("iterations")
+  ax.set_ylabel("top eigenvalue of the training-loss Hessian")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(title="bold: sharpness, thin: stability threshold", fontsize="small")
+  fig.savefig(path, dpi=120)
+
+
+def _over_steps(runs: Sequence[Run], kind: str, setting: str):
+  """The runs that recorded events of `kind`, their colours, and one empty figure and axes for
+  a quantity over steps. Raises ValueError naming `setting` when no run recorded any."""
+  recorded = [r for r in runs if _events(r, kind)]
+  if not recorded:
+    raise ValueError(f"no run recorded {kind} events: set {setting} > 0")
+  fig = Figure(figsize=(7, 4.5), layout="constrained")
+  return recorded, _colours(recorded), fig, fig.subplots()
+
+
+def smoothed_noise_scale(events: Sequence[dict], decay: float = NOISE_SCALE_EMA) -> list[float]:
+  """B_simple at each NOISE_SCALE event as McCandlish et al. 2018 (Appendix A) compute it: the
+  exponential moving averages of the tr(Σ) and |G|² estimates (`decay` per event), divided.
+
+  One measurement's ratio is biased and noisy, and either estimate may be negative; the averages
+  are not. Both start from 0 and so carry the same bias factor 1 - decay^t, which cancels in the
+  ratio: no correction is needed.
+  """
+  trace = grad_sq = 0.0
+  out = []
+  for e in events:
+    trace = decay * trace + (1 - decay) * e["trace_cov"]
+    grad_sq = decay * grad_sq + (1 - decay) * e["grad_sq_norm"]
+    out.append(trace / grad_sq if grad_sq else float("nan"))
+  return out
+
+
+def plot_noise_scale(runs: Sequence[Run], path: str) -> None:
+  """The simple gradient noise scale B_simple = tr(Σ)/|G|² against iterations, log scale: bold,
+  the ratio of the estimates' moving averages (smoothed_noise_scale); dots, each measurement's
+  own ratio; a thin grey line at each batch size the runs trained with (while B_simple lies above
+  it, a larger batch would still buy a nearly proportionally larger step). Plain nets dashed,
+  residual nets solid, one colour per depth.
+
+  Raises:
+    ValueError: when no run recorded the noise scale.
+  """
+  recorded, colours, fig, ax = _over_steps(runs, reporting.NOISE_SCALE,
+                                           "config.noise_scale_every")
+  for run in recorded:
+    events = _events(run, reporting.NOISE_SCALE)
+    colour = colours[_series(run)]
+    steps = [e["step"] for e in events]
+    ax.plot(steps, smoothed_noise_scale(events), linewidth=2, color=colour,
+            linestyle="--" if run.fields.get("skip") is False else "-",
+            marker="o" if len(events) < 4 else None, label=run_label(run.fields))
+    ax.plot(steps, [e["b_simple"] for e in events], ".", alpha=0.3, color=colour)
+  for batch in sorted({e["b_big"] for r in recorded for e in _events(r, reporting.NOISE_SCALE)}):
+    ax.axhline(batch, color="0.5", linewidth=0.8, linestyle=":")
+    ax.text(0.99, batch, f"batch {batch}", transform=ax.get_yaxis_transform(), ha="right",
+            va="bottom", fontsize="small", color="0.4")
+  ax.set_yscale("log")  # A negative single estimate is left out of the dots.
+  ax.set_xlabel("iterations")
+  ax.set_ylabel("noise scale B_simple (examples)")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(title=f"bold: ratio of averages (decay {NOISE_SCALE_EMA}), dots: single",
+            fontsize="small")
+  fig.savefig(path, dpi=120)
+
+
 def run_label(fields: dict[str, Any]) -> str:
   """"plain-20", "ResNet-56" (then any other fields), else the fields as text: "lr=0.1,seed=1"."""
   rest = dict(fields)
@@ -197,6 +382,10 @@ def _colours(runs: Sequence[Run]) -> dict[tuple, Any]:
 
 def _diagnostics(run: Run) -> list[dict]:
   return [e for e in run.events if e["event"] == reporting.DIAGNOSTICS]
+
+
+def _events(run: Run, kind: str) -> list[dict]:
+  return [e for e in run.events if e["event"] == kind]
 
 
 def _final_error(run: Run | None, column: str) -> str:

@@ -28,6 +28,8 @@ CONFIG_FILE = "config.json"
 TRAIN = "train"  # Every log_every steps: step, epoch, loss, train_error, lr, img_per_s, ...
 EVAL = "eval"  # test_loss, test_error of the running-average network.
 DIAGNOSTICS = "diagnostics"  # Per-block grad_norm and activation_rms (diagnostics.py).
+SHARPNESS = "sharpness"  # Top Hessian eigenvalues and the optimiser's stability threshold.
+NOISE_SCALE = "noise_scale"  # The simple gradient noise scale B_simple and its two estimates.
 
 # How a run ended, Summary.status. A sweep's table adds "started" (a workdir, no summary yet)
 # and "pending" (not started).

@@ -8,12 +8,19 @@ A source is not a trainer: `trainer.build` compiles the steps once and asks the 
                             "label": int32 [B]};
   eval_inputs()             one pass over the eval split, one argument per compiled eval step;
   eval_batch(inputs)        traced inside the eval step: the batch with "mask": bool [B];
-  checkpoint_items(restore)  extra Orbax items saved with each checkpoint ({} when none).
+  checkpoint_items(restore)  extra Orbax items saved with each checkpoint ({} when none);
+  measure_inputs()          the argument of the instruments' programs (trainer.py, curvature.py),
+                            without advancing anything; raises ValueError where the source
+                            cannot draw measurement batches;
+  measure_batch(inputs, key, batch_size)  traced inside an instrument: {"image": uint8
+                            [batch_size, H, W, C] NOT augmented, "label": int32 [batch_size]},
+                            examples of the training split drawn independently by `key`.
 
 `InMemory` holds small datasets (Fashion-MNIST, MNIST, CIFAR) on the devices whole: the step
 gathers and augments its own batch by index, a pure function of (seed, step), so nothing is saved.
 `DeviceBatches` takes batches already on the devices from any iterator: the Grain stream
 (`streamed`, whose iterator position is checkpointed), a benchmark's fixed batch, a test's list.
+It cannot draw the instruments' batches: nothing it holds reaches an un-augmented example by index.
 """
 
 from __future__ import annotations
@@ -71,6 +78,16 @@ class InMemory:
     del restore  # The batch order is a function of (seed, step): nothing to save or restore.
     return {}
 
+  def measure_inputs(self):
+    return self._train
+
+  def measure_batch(self, arrays, key, batch_size: int) -> dict:
+    # With replacement: independent draws are what the noise-scale estimator assumes, and they
+    # cost O(batch_size), where a draw without replacement sorts the whole split.
+    idx = jax.random.randint(key, (batch_size,), 0, arrays["label"].shape[0])
+    idx = jax.lax.with_sharding_constraint(idx, self._sharding)
+    return {"image": arrays["image"][idx], "label": arrays["label"][idx]}
+
 
 @dataclasses.dataclass
 class DeviceBatches:
@@ -97,6 +114,15 @@ class DeviceBatches:
 
   def checkpoint_items(self, restore: bool) -> dict:
     return self.checkpoint(restore)
+
+  def measure_inputs(self):
+    raise ValueError("sharpness and noise-scale measurements need un-augmented training examples "
+                     "by index, which only the in-memory source holds; this source "
+                     "(DeviceBatches: a stream, a benchmark's or a test's batches) has none: "
+                     "set config.sharpness_every and config.noise_scale_every to 0")
+
+  def measure_batch(self, inputs, key, batch_size: int) -> dict:
+    raise ValueError("DeviceBatches cannot draw measurement batches (see measure_inputs)")
 
 
 def streamed(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh) -> DeviceBatches:

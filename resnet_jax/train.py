@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoints, data, optim, parallel, preemption, reporting, steps
+from resnet_jax import checkpoints, curvature, data, optim, parallel, preemption, reporting, steps
 from resnet_jax import config as config_lib
 from resnet_jax import lock as lock_lib
 from resnet_jax import trainer as trainer_lib
@@ -45,6 +45,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   info = data.dataset_info(config.dataset)
   config = config_lib.resolve_epochs(config, info.num_train)  # *_epochs fields become steps.
   config_lib.validate(config, num_devices=jax.device_count(), train_size=info.num_train)
+  if (config.sharpness_every or config.noise_scale_every) and info.name in data.STREAMED:
+    raise config_lib.ConfigError(
+        f"config.sharpness_every and config.noise_scale_every must be 0 for {info.name}: the "
+        "instruments draw un-augmented training examples by index, and a streamed dataset is "
+        "not held where they can (sources.DeviceBatches)")
 
   # --- One writer per workdir: a second run there stops here. ---
   lock = _lock_workdir(workdir, lock_timeout_s)
@@ -94,7 +99,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # --- From here on the workdir is written. ---
   if is_writer:
     reporting.write_json_atomic(os.path.join(workdir, reporting.CONFIG_FILE), config.to_dict())
-    reporting.truncate_metrics(workdir, start.step)
+    # Events of steps past the checkpoint are logged again; with no checkpoint, all of them.
+    reporting.truncate_metrics(workdir, start.step if start.step else -1)
     _remove(os.path.join(workdir, reporting.SUMMARY_FILE))  # Stale until this segment ends.
   saver = checkpoints.Saver(checkpoint_dir, keep=config.keep_checkpoints)
   # The summary's fields as the loop goes: what summary.json says if the loop ends early.
@@ -220,6 +226,8 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
   state, first_step = start.state, start.step
   totals = trainer.zero_totals()
   compile_s = trainer.compile(state, totals)
+  if first_step == 0:  # The instruments measure the initial network too.
+    _record_instruments(config, trainer, state, 0, reporter, num_train)
   mark_step, mark_time = first_step, time.time()
 
   for step in range(first_step + 1, config.num_steps + 1):
@@ -235,6 +243,8 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
       reporter.write({"event": reporting.DIAGNOSTICS, "step": step - 1,
                       **{kind: {block: float(v) for block, v in values.items()}
                          for kind, values in parallel.to_host(diag).items()}})
+    # Before the checkpoint of this step, so that a run resumed from it records each step once.
+    mark_time += _record_instruments(config, trainer, state, step, reporter, num_train)
 
     last = step == config.num_steps
     stop_now = not last and stop.requested(step)  # Every process asks at every step.
@@ -281,6 +291,32 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
 
   out.update(status=reporting.COMPLETED, message="finished",
              best_test_error=best if np.isfinite(best) else float("nan"))
+
+
+def _record_instruments(config, trainer: trainer_lib.Trainer, state: steps.TrainState,
+                        step: int, reporter: reporting.Reporter, num_train: int) -> float:
+  """Measures the instruments due at `step` (every sharpness_every, noise_scale_every steps,
+  from 0) on `state`, the network after `step` updates, and writes their events. Returns the
+  seconds they took, which the throughput leaves out."""
+  sharpness_now = bool(config.sharpness_every) and step % config.sharpness_every == 0
+  noise_now = bool(config.noise_scale_every) and step % config.noise_scale_every == 0
+  if not (sharpness_now or noise_now):
+    return 0.0
+  jax.block_until_ready(state)  # The steps still in flight count as training.
+  start = time.time()
+  lr = _lr(state)
+  common = {"step": step, "epoch": _epoch(config, num_train, step), "lr": lr}
+  if sharpness_now:
+    eigenvalues = [float(v) for v in trainer.sharpness(state)]
+    opt = config.optimizer
+    # LARS rescales each layer's step by its own trust ratio: no one threshold in η applies.
+    threshold = (curvature.stability_threshold(lr, opt.momentum, opt.nesterov)
+                 if opt.name == "sgd" else None)
+    reporter.write({"event": reporting.SHARPNESS, **common, "sharpness": eigenvalues[0],
+                    "eigenvalues": eigenvalues, "threshold": threshold})
+  if noise_now:
+    reporter.write({"event": reporting.NOISE_SCALE, **common, **trainer.noise_scale(state)})
+  return time.time() - start
 
 
 def _lr(state: steps.TrainState) -> float:

@@ -11,6 +11,14 @@ the devices), makes one SGD update and adds the batch's summed metrics to the ru
 the host syncs only at log points. State and totals are donated; everything is replicated on
 the mesh but the batch, which is sharded on its `data` axis (see parallel.py). A second variant
 also returns the per-block diagnostics (diagnostics.py); the plain one never computes them.
+
+The instruments (curvature.py) are programs of their own beside the train step, jitted only when
+the config turns them on, so the train step is the same program with them on or off:
+`Trainer.sharpness(state)`, the top eigenvalues of the training loss's Hessian, and
+`Trainer.noise_scale(state)`, the gradient noise scale. Each measures the network of `state` on
+un-augmented training examples (`source.measure_batch`) drawn from a key stream of its own, so a
+measurement is a pure function of (seed, step, state) and a resumed run records what an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -25,11 +33,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
 
-from resnet_jax import checkpoints, data, models, optim, parallel, sources, steps
+from resnet_jax import checkpoints, curvature, data, models, optim, parallel, sources, steps
 from resnet_jax import config as config_lib
 
 DIAGNOSTICS_KEYS = ("grad_norm", "activation_rms")
+# fold_in tags of the instruments' key streams, apart from the batch order's (epochs) and the
+# augmentation's (data.AUGMENT_STREAM = 2**31 - 1).
+SHARPNESS_STREAM = 2**31 - 2
+NOISE_SCALE_STREAM = 2**31 - 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +59,8 @@ class Trainer:
   # with_diagnostics -> the jitted train step; `compile` swaps in the compiled plain one.
   train_programs: dict[bool, Any]
   eval_program: Any  # The jitted eval step: (state, totals, eval inputs) -> totals.
+  # "sharpness" and "noise_scale" -> that instrument's jitted programs, by name; only those on.
+  instrument_programs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   def restore_or_init(self, checkpoint_dir: str) -> checkpoints.Restored:
     """The newest intact checkpoint in `checkpoint_dir` whose config matches, with the source's
@@ -87,6 +103,48 @@ class Trainer:
     """The source's extra checkpoint items (a Grain iterator's position)."""
     return self.source.checkpoint_items(restore=False)
 
+  def sharpness(self, state: steps.TrainState) -> np.ndarray:
+    """The largest config.sharpness_top eigenvalues of the training loss's Hessian at `state`,
+    descending: float64 [sharpness_top] (fewer only when the Krylov space closes first).
+
+    The loss is `training_loss` on config.sharpness_batch_size (0: batch_size) un-augmented
+    training examples, the same ones at every measurement (drawn by the seed's SHARPNESS_STREAM
+    alone, whatever the step). Lanczos (curvature.lanczos) makes config.sharpness_iters
+    Hessian-vector products, starting from a direction drawn for `state.step`. Raises ValueError
+    when config.sharpness_every is 0 or the source cannot draw the batch.
+    """
+    programs = self._instrument("sharpness")
+    batch, start = programs["inputs"](state, self.source.measure_inputs())
+    product = functools.partial(programs["hvp"], state.params, state.batch_stats, batch)
+    alphas, betas = curvature.lanczos(product, start, self.config.sharpness_iters)
+    return curvature.top_ritz_values(alphas, betas, self.config.sharpness_top)
+
+  def noise_scale(self, state: steps.TrainState) -> dict[str, float]:
+    """The simple gradient noise scale at `state` (curvature.noise_scale_estimates).
+
+    |G_big|² is the squared norm of the gradient of `training_loss` on batch_size un-augmented
+    training examples drawn for `state.step`; |G_small|² the mean of the same over its
+    config.noise_scale_parts equal parts, each with BN's statistics over that part, as a run at
+    the smaller batch would train. BN couples a batch's examples, so the estimator's premise
+    (E|G_B|² = |G|² + tr(Σ)/B for B independent examples) holds only approximately. Returns
+    {"grad_sq_norm", "trace_cov", "b_simple", "b_big", "b_small"}. Raises ValueError when
+    config.noise_scale_every is 0 or the source cannot draw the batch.
+    """
+    programs = self._instrument("noise_scale")
+    big, parts = programs["batches"](state, self.source.measure_inputs())
+    sq_norm = functools.partial(programs["grad_sq_norm"], state.params, state.batch_stats)
+    big_sq, *small_sq = parallel.to_host([sq_norm(big)] + [sq_norm(part) for part in parts])
+    b_big = self.config.batch_size
+    b_small = b_big // self.config.noise_scale_parts
+    estimates = curvature.noise_scale_estimates(float(big_sq), float(np.mean(small_sq)),
+                                                b_big, b_small)
+    return {**estimates, "b_big": b_big, "b_small": b_small}
+
+  def _instrument(self, name: str) -> dict[str, Any]:
+    if name not in self.instrument_programs:
+      raise ValueError(f"this trainer measures no {name}: its config.{name}_every is 0")
+    return self.instrument_programs[name]
+
 
 def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh,
           source: Any = None) -> Trainer:
@@ -121,6 +179,12 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
   create_state = functools.partial(steps.create_train_state, model, tx, seed=config.seed,
                                    image_shape=info.image_shape)
   shapes = jax.eval_shape(create_state)
+  loss = functools.partial(training_loss, model=model, **norm)
+  instruments = {}
+  if config.sharpness_every:
+    instruments["sharpness"] = _sharpness_programs(config, source, loss, mesh)
+  if config.noise_scale_every:
+    instruments["noise_scale"] = _noise_scale_programs(config, source, loss, mesh)
   return Trainer(
       config=config, model=model, tx=tx, mesh=mesh, source=source,
       init_state=jax.jit(create_state, out_shardings=replicated),
@@ -129,7 +193,69 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
       train_programs={flag: jax.jit(functools.partial(train, with_diagnostics=flag),
                                     donate_argnums=(0, 1), out_shardings=replicated)
                       for flag in (False, True)},
-      eval_program=jax.jit(evaluate, donate_argnums=(1,), out_shardings=replicated))
+      eval_program=jax.jit(evaluate, donate_argnums=(1,), out_shardings=replicated),
+      instrument_programs=instruments)
+
+
+def training_loss(params, batch_stats, batch: dict[str, jax.Array], *, model, mean, std,
+                  dtype) -> jax.Array:
+  """The loss the train step descends, as a function of `params` alone: float32 scalar.
+
+  The mean softmax cross-entropy of `batch` ({"image": uint8 [B, H, W, C], "label": int32 [B]})
+  with BatchNorm in train mode (the batch's own statistics, as the train step sees them); the
+  running statistics `batch_stats` go unused, and their update is dropped. Weight decay's L2
+  term is left out: it would add at most weight_decay to each Hessian eigenvalue.
+  """
+  images = data.normalize(batch["image"], mean, std, dtype)
+  logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                          mutable=["batch_stats"])
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch["label"]))
+
+
+def _stream(seed: jax.Array, tag: int) -> jax.Array:
+  """The key stream `tag` of a run's seed."""
+  return jax.random.fold_in(jax.random.key(seed), tag)
+
+
+def _sharpness_programs(config: ml_collections.ConfigDict, source, loss, mesh) -> dict[str, Any]:
+  """"inputs": (state, measure inputs) -> (the fixed batch, Lanczos's start float32 [n]);
+  "hvp": (params, batch_stats, batch, tangent [n]) -> H @ tangent [n]."""
+  size = config.sharpness_batch_size or config.batch_size
+
+  def inputs(state, measure_inputs):
+    batch_key, start_key = jax.random.split(_stream(state.seed, SHARPNESS_STREAM))
+    flat = ravel_pytree(state.params)[0]
+    start = jax.random.normal(jax.random.fold_in(start_key, state.step), flat.shape, flat.dtype)
+    return source.measure_batch(measure_inputs, batch_key, size), start
+
+  def hvp(params, batch_stats, batch, tangent):
+    return curvature.hessian_vector_product(lambda p: loss(p, batch_stats, batch), params,
+                                            tangent)
+
+  replicated = parallel.replicated(mesh)
+  return {"inputs": jax.jit(inputs, out_shardings=(parallel.batch_sharded(mesh), replicated)),
+          "hvp": jax.jit(hvp, out_shardings=replicated)}
+
+
+def _noise_scale_programs(config: ml_collections.ConfigDict, source, loss, mesh
+                          ) -> dict[str, Any]:
+  """"batches": (state, measure inputs) -> (the step's batch, its noise_scale_parts parts);
+  "grad_sq_norm": (params, batch_stats, batch) -> |gradient of the loss|², float32 []."""
+  small = config.batch_size // config.noise_scale_parts
+
+  def batches(state, measure_inputs):
+    key = jax.random.fold_in(_stream(state.seed, NOISE_SCALE_STREAM), state.step)
+    batch = source.measure_batch(measure_inputs, key, config.batch_size)
+    return batch, [jax.tree.map(lambda x, i=i: x[i * small:(i + 1) * small], batch)
+                   for i in range(config.noise_scale_parts)]
+
+  def grad_sq_norm(params, batch_stats, batch):
+    return optax.tree.norm(jax.grad(loss)(params, batch_stats, batch), squared=True)
+
+  # Each part is sharded over the devices on its own (validate: small % devices == 0).
+  return {"batches": jax.jit(batches, out_shardings=parallel.batch_sharded(mesh)),
+          "grad_sq_norm": jax.jit(grad_sq_norm, out_shardings=parallel.replicated(mesh))}
 
 
 def _accumulate(totals: dict, metrics: dict) -> dict:

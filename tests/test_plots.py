@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from resnet_jax import plots, points, reporting, runner
@@ -112,6 +113,59 @@ def test_write_sweep_figures_writes_curves_table_and_gradient_flow(tmp_path):
   assert [os.path.basename(p) for p in paths] == [
       "error_curves.png", "ablation_table.md", "gradient_flow.png"]
   assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def map_run(lr: float, depth: int, skip: bool, train_error: float,
+            status: str = "completed") -> plots.Run:
+  """A run of an lr x depth x skip sweep that ended with this training error."""
+  run = fake_run(depth, skip, train_error=train_error, test_error=train_error, status=status)
+  return dataclasses.replace(run, fields={"lr": lr, "depth": depth, "skip": skip})
+
+
+def map_runs() -> list[plots.Run]:
+  """Plain nets that stop training at lr 1 (plain-56 diverges), ResNets that train at every lr."""
+  nan = float("nan")
+  return [map_run(0.1, 20, False, 0.10), map_run(0.1, 20, True, 0.08),
+          map_run(1.0, 20, False, 0.40), map_run(1.0, 20, True, 0.12),
+          map_run(0.1, 56, False, 0.20), map_run(0.1, 56, True, 0.07),
+          map_run(1.0, 56, False, nan, status="diverged"),
+          plots.Run({"lr": 1.0, "depth": 56, "skip": True}, None, [])]
+
+
+def test_trainability_grid_holds_final_training_errors_by_depth_and_lr():
+  lrs, depths, errors, _ = plots.trainability_grid(map_runs())
+  assert (lrs, depths) == ([0.1, 1.0], [20, 56])
+  np.testing.assert_array_equal(errors[False], [[0.10, 0.40], [0.20, np.nan]])
+  np.testing.assert_array_equal(errors[True], [[0.08, 0.12], [0.07, np.nan]])
+
+
+def test_trainability_grid_marks_diverged_and_pending_cells_by_status():
+  _, _, _, statuses = plots.trainability_grid(map_runs())
+  assert statuses[False].tolist() == [["completed", "completed"], ["completed", "diverged"]]
+  assert statuses[True].tolist() == [["completed", "completed"], ["completed", "pending"]]
+
+
+def test_trainability_grid_leaves_a_cell_without_a_run_empty():
+  _, _, errors, statuses = plots.trainability_grid(map_runs()[:-1])
+  assert statuses[True][1, 1] == "" and np.isnan(errors[True][1, 1])
+
+
+def test_trainability_grid_rejects_two_runs_in_one_cell():
+  with pytest.raises(ValueError, match="one run per lr, depth and skip"):
+    plots.trainability_grid([*map_runs(), map_run(0.1, 20, False, 0.11)])
+
+
+def test_trainability_map_is_written_as_a_png(tmp_path):
+  path = tmp_path / "map.png"
+  plots.plot_trainability_map(map_runs(), str(path), title="fashion_mnist")
+  assert_png(path)
+
+
+def test_write_sweep_figures_of_an_lr_depth_skip_sweep_writes_the_map_not_the_ablation_table(
+    tmp_path):
+  paths = plots.write_sweep_figures(map_runs(), str(tmp_path), dataset="fashion_mnist")
+  assert [os.path.basename(p) for p in paths] == ["error_curves.png", "trainability_map.png"]
+  assert_png(paths[1])
 
 
 def write_sweep_workdir(workdir) -> None:

@@ -140,6 +140,8 @@ def test_cifar10_ablation_runs_the_papers_protocol():
 @pytest.mark.parametrize("name, depths", [
     ("ablation_fashion_mnist.py", (20, 56)),
     ("ablation_fashion_mnist_gpu.py", (110, 56, 20)),
+    ("why_residual_fashion_mnist.py", (20, 56)),
+    ("why_residual_fashion_mnist_gpu.py", (110, 20)),
 ])
 def test_fashion_mnist_ablations_pair_every_depth_with_its_plain_twin(name, depths):
   sweep = points.expand(load_sweep_file(name))
@@ -148,6 +150,29 @@ def test_fashion_mnist_ablations_pair_every_depth_with_its_plain_twin(name, dept
   assert {p.config.dataset.name for p in sweep} == {"fashion_mnist"}
   with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
     assert f"--config=configs/sweeps/{name}" in f.read()
+
+
+@pytest.mark.parametrize("name, lrs, depths", [
+    ("lr_depth_fashion_mnist.py", (0.03, 0.1, 0.3, 1.0, 3.0), (20, 56)),
+    ("lr_depth_fashion_mnist_gpu.py", (3.0, 1.0, 0.3, 0.1, 0.03, 0.01), (110, 56, 20)),
+])
+def test_lr_depth_maps_cover_every_lr_depth_and_skip_with_the_lr_slowest(name, lrs, depths):
+  sweep = points.expand(load_sweep_file(name))
+  assert [(p.config.optimizer.lr, p.config.model.name, p.config.model.skip) for p in sweep] == [
+      (lr, f"resnet{d}", s) for lr in lrs for d in depths for s in (False, True)]
+  assert {p.config.dataset.name for p in sweep} == {"fashion_mnist"}
+  with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
+    assert f"--config=configs/sweeps/{name}" in f.read()
+
+
+@pytest.mark.parametrize("name, every", [
+    ("why_residual_fashion_mnist.py", (80, 25, 100)),
+    ("why_residual_fashion_mnist_gpu.py", (100, 25, 468)),
+])
+def test_why_residual_sweeps_record_sharpness_noise_scale_and_gradient_flow(name, every):
+  sweep = points.expand(load_sweep_file(name))
+  assert {(p.config.sharpness_every, p.config.noise_scale_every, p.config.diagnostics_every)
+          for p in sweep} == {every}
 
 
 def test_cpu_ablation_trains_600_steps_at_batch_128():

@@ -203,6 +203,23 @@ def test_step_without_diagnostics_computes_none_of_their_norms():
   assert sqrt_count(True) == 9 + 11
 
 
+def test_train_step_is_the_same_program_with_instruments_on_or_off():
+  batch = {"image": np.zeros((8, 28, 28, 1), np.uint8), "label": np.zeros((8,), np.int32)}
+
+  def train_program(**instruments):
+    config = config_lib.default_config()
+    config.update(instruments)
+    trainer = synthetic_trainer(config, parallel.make_mesh(), [batch])
+    jaxpr = trainer.train_programs[False].trace(
+        trainer.abstract_state, trainer.zero_totals(), trainer.source.train_spec).jaxpr
+    return str(jaxpr), sorted(trainer.instrument_programs)
+
+  plain, no_instruments = train_program()
+  with_instruments, instruments = train_program(sharpness_every=1, noise_scale_every=1)
+  assert no_instruments == [] and instruments == ["noise_scale", "sharpness"]
+  assert with_instruments == plain
+
+
 def test_bfloat16_run_trains_and_writes_the_requested_profile(prepared_data_dir, tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(prepared_data_dir, num_steps=4, profile_steps=2,

@@ -1,0 +1,65 @@
+#!/bin/bash
+# Why residual nets train with SGD: the whole CPU experiment on Fashion-MNIST, offline, in order:
+#   1. configs/sweeps/why_residual_fashion_mnist.py: plain nets and ResNets of depth 20 and 56,
+#      recording sharpness, gradient noise scale and gradient flow, and its plots;
+#   2. the loss landscape of each of its 4 runs (21x21 surface on 256 training images), and plain
+#      beside residual at depth 20 and at depth 56 (compare.png);
+#   3. configs/sweeps/lr_depth_fashion_mnist.py: the lr x depth trainability map, and its plots.
+# Usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR]
+# runs in RUNS_DIR (default runs/, where the configs' own commands run them) and copies the small
+# result files (csv, md, png, npz; no checkpoints) to OUT_DIR/why_residual_fashion_mnist and
+# OUT_DIR/lr_depth_fashion_mnist. Run it again to resume: the sweeps skip their finished points,
+# a run's landscape is kept once computed. Both sweeps share a persistent compilation cache
+# (RUNS_DIR/xla_cache unless JAX_COMPILATION_CACHE_DIR says otherwise).
+# Measured in parts on the 2-core AMD CPU while other jobs shared it: the first sweep 16 minutes,
+# each landscape 50-170 s, the map 25 minutes (an estimated 10-15 idle); about 45 minutes in all.
+set -eu -o pipefail
+usage="usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR]"
+out=${1:?$usage}
+runs=${2:-runs}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$runs/xla_cache}
+why=$runs/why_residual_fashion_mnist
+map=$runs/lr_depth_fashion_mnist
+
+# Copies the csv, md, png and npz files under directory $1 (not its checkpoints or TensorBoard
+# events) into directory $2, keeping their paths relative to $1.
+copy_results() {
+  mkdir -p "$2"
+  local dest
+  dest=$(cd "$2" && pwd)
+  (cd "$1" && find . \( -name checkpoints -o -name tensorboard \) -prune -o -type f \
+      \( -name '*.csv' -o -name '*.md' -o -name '*.png' -o -name '*.npz' \) -print0 \
+      | xargs -0 --no-run-if-empty cp --parents -t "$dest")
+}
+
+# Runs the sweep configs/sweeps/$1.py in directory $2 (printing the last $3 lines of its table),
+# plots it, and copies its results into $out/$1.
+sweep_and_plot() {
+  python -m resnet_jax.sweep --config="configs/sweeps/$1.py" --workdir="$2" --parallel=2 2>&1 \
+      | tail -"$3"
+  python -m resnet_jax.sweep --workdir="$2" --plot 2>&1 | grep '^wrote'
+  copy_results "$2" "$out/$1"
+}
+
+python -m resnet_jax.prepare fashion_mnist 2>&1 | tail -1
+
+echo "== 1. configs/sweeps/why_residual_fashion_mnist.py ($SECONDS s so far)"
+sweep_and_plot why_residual_fashion_mnist "$why" 6
+
+echo "== 2. loss landscapes ($SECONDS s so far)"
+for depth in 20 56; do
+  for skip in false true; do
+    run=$why/depth=$depth,skip=$skip
+    if [[ ! -f $run/landscape/landscape.npz ]]; then
+      python -m resnet_jax.landscape --workdir="$run" --grid=21 --examples=256 2>&1 | tail -1
+    fi
+  done
+  # --compare is a comma-separated list (read as CSV) and the runs' names hold commas.
+  python -m resnet_jax.landscape --out="$why/compare_depth=$depth" \
+      --compare="\"$why/depth=$depth,skip=false\",\"$why/depth=$depth,skip=true\"" 2>&1 | tail -1
+done
+copy_results "$why" "$out/why_residual_fashion_mnist"
+
+echo "== 3. configs/sweeps/lr_depth_fashion_mnist.py ($SECONDS s so far)"
+sweep_and_plot lr_depth_fashion_mnist "$map" 22
+echo "== done in $SECONDS s: $out"

@@ -1,0 +1,173 @@
+"""Curvature and gradient noise of the training loss: the Hessian's top eigenvalues by Lanczos,
+the optimiser's stability threshold, and the simple gradient noise scale.
+
+Two instruments for "why residual nets train with SGD":
+
+- **Sharpness**, the largest eigenvalue of the training loss's Hessian. On a quadratic, gradient
+  descent at learning rate η is stable only while the sharpness stays below 2/η; heavy-ball
+  momentum β moves that to (2 + 2β)/η (`stability_threshold`). Cohen et al. (ICLR 2021,
+  "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability") found that the
+  sharpness rises during training until it reaches the threshold, then hovers there. The top
+  eigenvalues come from Lanczos iteration with full reorthogonalisation (`lanczos`,
+  `top_ritz_values`) on Hessian-vector products computed forward-over-reverse
+  (`hessian_vector_product`): each costs about two gradients, and the Hessian is never formed.
+- **The simple noise scale** B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, "An Empirical Model
+  of Large-Batch Training", Appendix A; G the expected gradient, Σ the per-example gradients'
+  covariance): about the batch size beyond which a larger batch stops buying a proportionally
+  larger step. `noise_scale_estimates` gives unbiased estimates of |G|² and tr(Σ) from the squared
+  norms of gradients at two batch sizes.
+
+Everything here is a pure function of arrays and callables. The trainer (trainer.py) binds them
+to the model, the loss and a batch; the train loop (train.py) decides when to measure.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+# Lanczos stops when the new residual's norm falls below this fraction of the largest entry of T
+# so far (a lower bound on |A|): the Krylov space has closed, and what is left is float32
+# rounding (3e-7 of |A| on the quadratic of tests/test_curvature.py; eps is 1.2e-7). Stopping at
+# a genuine residual that small would move no Ritz value by more than 1e-4 of |A|.
+BREAKDOWN = 1e-4
+
+
+def hessian_vector_product(loss: Callable[[Any], jax.Array], params: Any,
+                           tangent: jax.Array) -> jax.Array:
+  """H @ tangent, H the Hessian of `loss` at `params`, forward-over-reverse (`jax.jvp` of
+  `jax.grad`): one pass forward and back, differentiated once more forward.
+
+  Args:
+    loss: params -> float32 scalar.
+    params: a pytree of float32 arrays.
+    tangent: float32 [n], a direction in `params` flattened by `jax.flatten_util.ravel_pytree`.
+
+  Returns:
+    float32 [n], the product, flattened the same way.
+  """
+  _, unravel = ravel_pytree(params)
+  _, product = jax.jvp(jax.grad(loss), (params,), (unravel(tangent),))
+  return ravel_pytree(product)[0]
+
+
+def lanczos(matvec: Callable[[jax.Array], jax.Array], start: jax.Array,
+            num_iters: int) -> tuple[np.ndarray, np.ndarray]:
+  """The tridiagonal matrix T of `num_iters` Lanczos steps, with full reorthogonalisation.
+
+  A Python loop: one call of `matvec` per step (pass a jitted one), then one compiled update of
+  the basis. Every new vector is orthogonalised twice against all earlier ones ("twice is
+  enough", Parlett), so in float32 the basis stays orthonormal and no ghost copies of converged
+  eigenvalues appear.
+
+  Args:
+    matvec: float32 [n] -> float32 [n], a symmetric linear map A (a Hessian-vector product).
+    start: float32 [n], the first direction; any nonzero length.
+    num_iters: steps, i.e. calls of `matvec`: at least 1.
+
+  Returns:
+    (alphas float64 [m], betas float64 [m - 1]), T's diagonal and off-diagonal: T = QᵀAQ for the
+    orthonormal basis Q [n, m] of the Krylov space of `start`. m = num_iters, or fewer when that
+    space closes first (it is then invariant under A, and T's eigenvalues are A's, exactly).
+  """
+  basis = _first_basis(start, num_iters)
+  alphas, betas, scale = [], [], 0.0
+  for j in range(num_iters):
+    alpha, beta, basis = _extend(basis, j, matvec(basis[j]))
+    alphas.append(float(alpha))
+    scale = max(scale, abs(alphas[-1]), float(beta))
+    if j + 1 == num_iters or float(beta) <= BREAKDOWN * scale:
+      break
+    betas.append(float(beta))
+  return np.array(alphas), np.array(betas)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_basis(start: jax.Array, num_iters: int) -> jax.Array:
+  """float32 [num_iters, n]: the unit `start` in row 0, zeros below."""
+  basis = jnp.zeros((num_iters, start.shape[0]), jnp.float32)
+  return basis.at[0].set(start / jnp.linalg.norm(start))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _extend(basis: jax.Array, j: int, product: jax.Array
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One Lanczos step: alpha_j = q_j·Aq_j, then Aq_j orthogonalised against rows 0..j (the rows
+  below are zero, so all of `basis` will do); its norm is beta_j and its direction row j + 1
+  (dropped when j + 1 is past the end)."""
+  alpha = basis[j] @ product
+  residual = product
+  for _ in range(2):
+    residual = residual - (basis @ residual) @ basis
+  beta = jnp.linalg.norm(residual)
+  return alpha, beta, basis.at[j + 1].set(residual / beta, mode="drop")
+
+
+def top_ritz_values(alphas: np.ndarray, betas: np.ndarray, k: int) -> np.ndarray:
+  """The k largest eigenvalues of the tridiagonal T (from `lanczos`), descending: float64 [<= k].
+
+  They approximate A's largest eigenvalues from below, converging first for the ones best
+  separated from the rest; fewer than k when T is smaller.
+  """
+  tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+  return np.linalg.eigvalsh(tridiagonal)[::-1][:k]
+
+
+def stability_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False
+                        ) -> float | None:
+  """The largest curvature on which SGD at learning rate `lr` is stable, on a quadratic.
+
+  Heavy ball (optax's and torch's `trace`: v = g + βv, w -= ηv) along an eigendirection of
+  curvature λ iterates w' = (1 + β - ηλ)w - βw'', which first goes unstable through the root -1
+  at ηλ = 2 + 2β: the threshold is (2 + 2β)/η, 2/η without momentum (Cohen et al., ICLR 2021,
+  Section 6). Nesterov's update g + βv' gives w' = (1 + β)(1 - ηλ)w - β(1 - ηλ)w'', whose root -1
+  comes at ηλ = (2 + 2β)/(1 + 2β): the threshold (2 + 2β)/(η(1 + 2β)), derived here for optax's
+  Nesterov update and checked by simulating it (tests/test_curvature.py).
+
+  Args:
+    lr: the learning rate η (0 during a warmup from 0: no threshold, returns None).
+    momentum: β in [0, 1).
+    nesterov: Nesterov's momentum rather than the heavy ball.
+  Returns:
+    the threshold, in the units of the Hessian's eigenvalues (loss per parameter squared).
+  """
+  if lr <= 0:
+    return None  # Every curvature is stable at a standstill.
+  if nesterov:
+    return (2 + 2 * momentum) / (lr * (1 + 2 * momentum))
+  return (2 + 2 * momentum) / lr
+
+
+def noise_scale_estimates(big_sq_norm: float, small_sq_norm: float, big_batch: int,
+                          small_batch: int) -> dict[str, float]:
+  """Unbiased estimates of |G|² and tr(Σ), and their ratio B_simple (McCandlish et al. 2018,
+  Appendix A).
+
+  The mean gradient of B examples drawn independently has E|G_B|² = |G|² + tr(Σ)/B, so two batch
+  sizes give two equations:
+
+    |G|²  ≈ (B_big |G_big|² - B_small |G_small|²) / (B_big - B_small)
+    tr(Σ) ≈ (|G_small|² - |G_big|²) / (1/B_small - 1/B_big)
+
+  Either may come out negative on one measurement, and their ratio is biased (a ratio of noisy
+  estimates): McCandlish et al. average numerator and denominator over training steps before
+  dividing, as plots.plot_noise_scale does.
+
+  Args:
+    big_sq_norm: |G_big|², the squared norm of the mean gradient of B_big examples.
+    small_sq_norm: |G_small|², the same at B_small examples, averaged over several such batches.
+    big_batch, small_batch: B_big > B_small >= 1.
+  Returns:
+    {"grad_sq_norm": |G|², "trace_cov": tr(Σ), "b_simple": tr(Σ)/|G|²}.
+  """
+  grad_sq = ((big_batch * big_sq_norm - small_batch * small_sq_norm)
+             / (big_batch - small_batch))
+  trace = (small_sq_norm - big_sq_norm) / (1 / small_batch - 1 / big_batch)
+  return {"grad_sq_norm": float(grad_sq), "trace_cov": float(trace),
+          "b_simple": float(trace / grad_sq) if grad_sq else float("nan")}

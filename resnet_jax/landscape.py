@@ -1,0 +1,502 @@
+"""The loss landscape of a run: the line from its initial network, and the surface around it.
+
+Two pictures of the training loss near what SGD found, for comparing plain nets with ResNets:
+
+- **The line** (Goodfellow et al., ICLR 2015): the networks (1 - a) * initial + a * final for a
+  evenly spaced on [0, 1]. `initial` is the run's `init_state()` (a pure function of its seed),
+  `final` a checkpoint. The BN running statistics are interpolated with the parameters, so the
+  ends are exactly the initial and the checkpointed networks.
+- **The surface** (Li et al., NeurIPS 2018, "Visualizing the Loss Landscape of Neural Nets"): the
+  networks final + x * d1 + y * d2 for x, y evenly spaced on [-span, span], along two random
+  *filter-normalised* directions (`random_directions`): Gaussian, then each filter of every conv
+  and dense kernel rescaled to the norm of the same filter of the checkpoint, so that a step of
+  1 moves every filter by its own size and the scale invariance BN gives the filters cannot
+  distort the picture. BN parameters and biases get no direction (zero), and the running
+  statistics are the checkpoint's, held fixed, as in the paper. The two directions are drawn
+  independently from `seed`, not orthogonalised: in 10^4 to 10^5 dimensions their cosine is
+  about 1/sqrt(parameters) (0.004 for a width-0.5 ResNet-20).
+
+**BN mode.** Every network is evaluated as the run evaluates its test set: BN in inference mode
+with its running statistics (`steps.eval_step`). That is what "statistics held fixed" means on the
+surface; on the line the statistics move with the parameters, and the initial network's are
+BN's initial ones (mean 0, variance 1): its BN layers only apply their scale and offset (the
+train step would normalise by the batch's statistics instead).
+
+**What is evaluated.** The mean cross-entropy (without the weight-decay term) and the top-1 error
+on the first `examples` images of the run's training split, in their stored order (TFDS stores
+them shuffled), without augmentation: the same images for every run of a dataset, so two runs'
+landscapes are comparable. A grid point is a list of variable trees and coefficients; one
+compiled program (`make_evaluator`) evaluates the combination sum_k c_k * tree_k on the images
+in chunks of the run's `eval_batch_size`, sharded over the devices. The coefficients are inputs,
+so the line is one compilation and the surface another, whatever the grid.
+
+**Cost.** One forward pass over the images per grid point: grid + grid^2 passes. For a
+width-0.5 ResNet-20 on 256 Fashion-MNIST images, a 21x21 surface and its 21-point line took
+143-200 s on a 2-core AMD EPYC CPU shared with other jobs (load average 5-6): 25 s to compile
+the run's initialisation, 4 s per evaluation program, 0.29 s per grid point. The default 41x41
+on 1,000 images is about 15 times the points' cost.
+
+Command line (cli.py's conventions: bad input is one line `error: ...` and exit code 2):
+  python -m resnet_jax.landscape --workdir=RUN [--step=N] [--grid=41] [--span=1.0]
+      [--examples=1000] [--seed=0]
+    writes RUN/landscape/: landscape.npz (`Landscape`: every array and setting), line.png,
+    contour.png and surface.png.
+  python -m resnet_jax.landscape --compare=RUN_A,RUN_B[,...] [--out=DIR]
+    draws the runs side by side, on one loss scale, into DIR/compare.png (default: the last
+    run's landscape/). A run without landscape/landscape.npz gets its landscape computed first,
+    with the flags above; an existing one is used as it is. The runs are a comma-separated
+    list: cli.run takes no positional arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import flags
+from matplotlib import colors, ticker
+from matplotlib.figure import Figure
+
+from resnet_jax import checkpoints, cli, data, lock, parallel, reporting, sources, steps
+from resnet_jax import config as config_lib
+from resnet_jax import trainer as trainer_lib
+
+LANDSCAPE_DIR = "landscape"  # Inside the run's workdir.
+DATA_FILE = "landscape.npz"
+LINE_FILE = "line.png"
+CONTOUR_FILE = "contour.png"
+SURFACE_FILE = "surface.png"
+COMPARE_FILE = "compare.png"
+
+Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}, as model.apply takes them.
+
+
+@dataclasses.dataclass(frozen=True)
+class Landscape:
+  """One run's line and surface, and what they were computed from (landscape.npz).
+
+  Losses are mean cross-entropies per example, errors fractions, on the same `examples` images.
+  surface_loss[i, j] is at (x, y) = (coords[j], coords[i]): rows are y, as matplotlib draws.
+  """
+  network: str  # "ResNet-20" or "plain-20", with the width when it is not 1.
+  step: int  # The checkpoint: the line's end and the surface's centre.
+  examples: int
+  span: float
+  seed: int  # Of the directions.
+  alphas: np.ndarray  # float [G]: 0 (initial network) .. 1 (checkpoint).
+  line_loss: np.ndarray  # float [G]
+  line_error: np.ndarray  # float [G]
+  coords: np.ndarray  # float [G]: -span .. span, along each direction.
+  surface_loss: np.ndarray  # float [G, G]
+  surface_error: np.ndarray  # float [G, G]
+  seconds: float  # To compute both: building, initialising, compiling and evaluating.
+
+  def save(self, path: str) -> None:
+    with reporting.open_atomic(path, "wb") as f:
+      np.savez(f, **dataclasses.asdict(self))
+
+  @classmethod
+  def load(cls, path: str) -> Landscape:
+    with np.load(path) as stored:
+      fields = {f.name: stored[f.name] for f in dataclasses.fields(cls)}
+    for name, kind in (("network", str), ("step", int), ("examples", int), ("span", float),
+                       ("seed", int), ("seconds", float)):
+      fields[name] = kind(fields[name])
+    return cls(**fields)
+
+
+# --- Directions. ---
+
+def filter_normalize(direction, params):
+  """`direction` with each filter rescaled to the norm of the same filter of `params`.
+
+  A leaf of two or more dimensions is a conv or dense kernel [..., in, out], whose filters are
+  its output slices [..., j]; every other leaf (BN scales and offsets, biases) becomes zero.
+  Both trees have the same structure; the result is numpy float32.
+  """
+  def one(d, p):
+    d, p = np.asarray(d, np.float32), np.asarray(p, np.float32)
+    if d.ndim < 2:
+      return np.zeros_like(d)
+    axes = tuple(range(d.ndim - 1))
+    d_norm = np.sqrt(np.sum(np.square(d, dtype=np.float64), axis=axes))
+    p_norm = np.sqrt(np.sum(np.square(p, dtype=np.float64), axis=axes))
+    scale = np.divide(p_norm, d_norm, out=np.zeros_like(d_norm), where=d_norm > 0)
+    return (d * scale).astype(np.float32)
+  return jax.tree.map(one, direction, params)
+
+
+def random_directions(seed: int, variables: Variables, count: int = 2) -> list[Variables]:
+  """`count` independent Gaussian directions, filter-normalised to `variables["params"]`, with
+  zero BN statistics (they stay where they are): a pure function of `seed`, drawn by numpy
+  (jax.random took 27 s to compile for the leaves of a ResNet-20 on a busy 2-core CPU)."""
+  rng = np.random.default_rng(seed)
+  directions = []
+  for _ in range(count):
+    gaussian = jax.tree.map(lambda x: rng.standard_normal(np.shape(x), np.float32),
+                            variables["params"])
+    directions.append({"params": filter_normalize(gaussian, variables["params"]),
+                       "batch_stats": jax.tree.map(np.zeros_like, variables["batch_stats"])})
+  return directions
+
+
+# --- Evaluation. ---
+
+def line_coordinates(grid: int) -> np.ndarray:
+  """float64 [grid]: 0 .. 1, evenly spaced; the ends are exactly 0 and 1."""
+  return np.arange(grid) / (grid - 1)
+
+
+def surface_coordinates(grid: int, span: float) -> np.ndarray:
+  """float64 [grid]: -span .. span, evenly spaced; exactly 0 in the middle of an odd grid."""
+  return span * (2 * np.arange(grid) - (grid - 1)) / (grid - 1)
+
+
+def make_evaluator(model, images: np.ndarray, labels: np.ndarray, *, info: data.DatasetInfo,
+                   dtype: str, mesh: jax.sharding.Mesh, batch_size: int
+                   ) -> Callable[[Sequence[Variables], np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """A function `(points, coefficients) -> (loss [P], error [P])` on a fixed set of images.
+
+  points: K variable trees of one model; coefficients: float [P, K], one grid point a row, the
+  network of row p being sum_k coefficients[p, k] * points[k] (BN statistics included).
+  images: uint8 [N, H, W, C] and labels: int32 [N] are placed on the mesh once, in chunks of
+  `batch_size` (rounded up to a multiple of the devices; the last one padded and masked).
+  Each network is evaluated as steps.eval_step evaluates it (BN in inference mode); the
+  coefficients are inputs, so one compiled program serves every grid point.
+  """
+  devices = mesh.devices.size
+  chunk = -(-min(batch_size, len(labels)) // devices) * devices
+  batches = [jax.device_put({"image": images[idx], "label": labels[idx], "mask": mask},
+                            parallel.batch_sharded(mesh))
+             for idx, mask in data.eval_batches(len(labels), chunk)]
+  eval_step = functools.partial(steps.eval_step, model=model, mean=tuple(info.mean),
+                                std=tuple(info.std), dtype=jnp.dtype(dtype))
+
+  @jax.jit
+  def summed(points, coefficients, batch):
+    variables = jax.tree.map(
+        lambda *leaves: sum(coefficients[k] * leaf for k, leaf in enumerate(leaves)), *points)
+    state = steps.TrainState(step=0, params=variables["params"],
+                             batch_stats=variables["batch_stats"], opt_state=(), seed=0)
+    return eval_step(state, batch)
+
+  def evaluate(points, coefficients):
+    points = jax.device_put(tuple(points), parallel.replicated(mesh))
+    totals = []
+    for row in np.asarray(coefficients, np.float32):  # Dispatched ahead; one host sync below.
+      metrics = [summed(points, row, batch) for batch in batches]
+      totals.append(jax.tree.map(lambda *x: sum(x), *metrics))
+    totals = parallel.to_host(totals)
+    return (np.array([t["loss"] / t["count"] for t in totals]),
+            np.array([t["errors"] / t["count"] for t in totals]))
+  return evaluate
+
+
+def loss_line(evaluate, initial: Variables, final: Variables, alphas: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(loss, error), float [G] each, of (1 - a) * initial + a * final for a in `alphas`."""
+  return evaluate((initial, final), np.stack([1 - alphas, alphas], axis=1))
+
+
+def loss_surface(evaluate, center: Variables, directions: Sequence[Variables],
+                 coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(loss, error), float [G, G] each: [i, j] at center + coords[j] * d1 + coords[i] * d2."""
+  y, x = np.meshgrid(coords, coords, indexing="ij")
+  rows = np.stack([np.ones(x.size), x.ravel(), y.ravel()], axis=1)
+  loss, error = evaluate((center, *directions), rows)
+  return loss.reshape(x.shape), error.reshape(x.shape)
+
+
+# --- One run. ---
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run recorded in its config.json, over today's defaults (for fields added since).
+
+  Raises:
+    lock.WorkdirError: `workdir` is not a run's directory.
+  """
+  if not os.path.isdir(workdir):
+    raise lock.WorkdirError(f"workdir {workdir} does not exist")
+  path = os.path.join(workdir, reporting.CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise lock.WorkdirError(f"{workdir} is not a run's workdir: it has no "
+                            f"{reporting.CONFIG_FILE} (python -m resnet_jax.main writes one)")
+  config = config_lib.default_config()
+  with open(path) as f:
+    config.update(json.load(f))
+  return config
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+  """The run's checkpoint to use: `step`, or its newest.
+
+  Raises:
+    lock.WorkdirError: the run has no checkpoint, or none at `step` (the message lists them).
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  found = checkpoints.steps(directory)
+  if not found:
+    raise lock.WorkdirError(f"no checkpoint in {directory}: train the run first")
+  if step is None:
+    return found[0]
+  if step not in found:
+    raise lock.WorkdirError(f"no checkpoint at step {step} in {directory}; it has steps "
+                            f"{', '.join(map(str, found))}")
+  return step
+
+
+def check_settings(config: ml_collections.ConfigDict, *, grid: int, span: float,
+                   examples: int) -> data.DatasetInfo:
+  """Checks the settings against the run's dataset (reading its metadata only); returns its info.
+
+  Raises:
+    config.ConfigError: listing every setting that is out of range, or a streamed dataset.
+    data.DatasetNotPreparedError: the run's dataset is not prepared here.
+  """
+  if config.dataset.name in data.STREAMED:
+    raise config_lib.ConfigError(f"the landscape is evaluated on datasets held in memory; "
+                                 f"{config.dataset.name} is streamed")
+  info = data.dataset_info(config.dataset)
+  errors = []
+  if grid < 2:
+    errors.append(f"--grid must be at least 2 (points per axis); got {grid}")
+  if not (math.isfinite(span) and span > 0):
+    errors.append(f"--span must be finite and > 0; got {span}")
+  if not 1 <= examples <= info.num_train:
+    errors.append(f"--examples must be in [1, {info.num_train:,}] (the train split "
+                  f"{config.dataset.train_split!r} of {info.name}); got {examples}")
+  if errors:
+    raise config_lib.ConfigError("invalid landscape settings:\n  " + "\n  ".join(errors))
+  return info
+
+
+def compute_landscape(workdir: str, *, step: int | None = None, grid: int = 41,
+                      span: float = 1.0, examples: int = 1000, seed: int = 0) -> Landscape:
+  """The line and surface of one run at checkpoint `step` (default: its newest).
+
+  Checks everything first (raising the errors of run_config, checkpoint_step and
+  check_settings, and lock.WorkdirError for a checkpoint that fails its checksums), then
+  builds the run's model and initial state from its config.
+  """
+  config = run_config(workdir)
+  step = checkpoint_step(workdir, step)
+  info = check_settings(config, grid=grid, span=span, examples=examples)
+  start = time.time()
+  try:
+    _, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), step)
+  except ValueError as e:
+    raise lock.WorkdirError(str(e)) from None
+  final = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  mesh = parallel.make_mesh()
+  # Only the model and the initial state are needed: no batch source.
+  trainer = trainer_lib.build(config, info, mesh, source=sources.DeviceBatches(iter(()), {}))
+  init = trainer.init_state()
+  initial = {"params": init.params, "batch_stats": init.batch_stats}
+  images, labels = data.load_split(config.dataset, config.dataset.train_split)
+  evaluate = make_evaluator(trainer.model, images[:examples], labels[:examples], info=info,
+                            dtype=config.model.dtype, mesh=mesh,
+                            batch_size=config.eval_batch_size)
+  alphas = line_coordinates(grid)
+  line_loss, line_error = loss_line(evaluate, initial, final, alphas)
+  coords = surface_coordinates(grid, span)
+  surface_loss, surface_error = loss_surface(evaluate, final, random_directions(seed, final),
+                                             coords)
+  width = "" if config.model.width == 1 else f", width {config.model.width:g}"
+  network = (f"{'ResNet' if config.model.skip else 'plain'}-"
+             f"{config.model.name.removeprefix('resnet')}{width}")
+  return Landscape(network=network, step=step, examples=examples, span=span, seed=seed,
+                   alphas=alphas, line_loss=line_loss, line_error=line_error, coords=coords,
+                   surface_loss=surface_loss, surface_error=surface_error,
+                   seconds=round(time.time() - start, 3))
+
+
+# --- Figures: bare matplotlib Figures with the Agg canvas (no pyplot), as in plots.py. ---
+
+def write_figures(landscape: Landscape, out_dir: str) -> list[str]:
+  """Writes line.png, contour.png and surface.png into `out_dir`; returns their paths."""
+  paths = [os.path.join(out_dir, name) for name in (LINE_FILE, CONTOUR_FILE, SURFACE_FILE)]
+  scale = _LossScale([landscape])
+  line, contour, surface = (Figure(figsize=size, layout="constrained")
+                            for size in ((6, 4.5), (6, 5), (6, 5)))
+  _draw_line(line.add_subplot(), landscape)
+  _draw_contour(contour.add_subplot(), landscape, scale=scale)
+  _draw_surface(surface.add_subplot(projection="3d"), landscape, scale=scale)
+  for fig, path in zip((line, contour, surface), paths):
+    fig.savefig(path, dpi=120)
+  return paths
+
+
+def plot_comparison(landscapes: Sequence[Landscape], path: str) -> None:
+  """One column per run: contour, 3-D surface and line, on one loss scale throughout."""
+  scale = _LossScale(landscapes)
+  n = len(landscapes)
+  fig = Figure(figsize=(5.5 * n, 14), layout="constrained")
+  contour_axes, line_axes = [], []
+  for col, landscape in enumerate(landscapes):
+    contour_axes.append(fig.add_subplot(3, n, col + 1))
+    filled = _draw_contour(contour_axes[-1], landscape, scale=scale, colorbar=False)
+    _draw_surface(fig.add_subplot(3, n, n + col + 1, projection="3d"), landscape, scale=scale)
+    line_axes.append(fig.add_subplot(3, n, 2 * n + col + 1))
+    _draw_line(line_axes[-1], landscape)
+  fig.colorbar(filled, ax=contour_axes, label="training loss", shrink=0.8,
+               ticks=scale.levels[::3], format="%.3g")
+  top = max(ax.get_ylim()[1] for ax in line_axes)
+  bottom = min(ax.get_ylim()[0] for ax in line_axes)
+  for ax in line_axes:
+    ax.set_ylim(bottom, top)
+  fig.savefig(path, dpi=120)
+
+
+class _LossScale:
+  """One logarithmic colour scale for the surface losses of some landscapes."""
+
+  def __init__(self, landscapes: Sequence[Landscape]):
+    values = np.concatenate([np.ravel(item.surface_loss) for item in landscapes])
+    values = values[np.isfinite(values) & (values > 0)]
+    self.low, self.high = (float(values.min()), float(values.max())) if values.size else (1, 10)
+    self.high = max(self.high, 1.01 * self.low)
+    self.levels = np.geomspace(self.low, self.high, 30)
+    self.norm = colors.LogNorm(self.low, self.high)
+    self.cmap = matplotlib.colormaps["viridis"]
+
+  def clip(self, loss: np.ndarray) -> np.ndarray:
+    """Losses inside the scale; NaN and Inf (a diverged network) at its top."""
+    return np.clip(np.nan_to_num(loss, nan=self.high, posinf=self.high), self.low, self.high)
+
+
+def _title(landscape: Landscape) -> str:
+  return f"{landscape.network}, step {landscape.step}"
+
+
+def _settings(landscape: Landscape) -> str:
+  return (f"{landscape.examples} training images, directions seed {landscape.seed}, "
+          f"span {landscape.span:g}")
+
+
+def _draw_line(ax, landscape: Landscape) -> None:
+  ax.plot(landscape.alphas, landscape.line_loss, color="C0", marker=".", label="loss")
+  ax.set_yscale("log")
+  for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+    axis(ticker.FormatStrFormatter("%.3g"))
+  ax.set_xlabel(f"a: (1 - a) * initial + a * step {landscape.step}")
+  ax.set_ylabel("training loss (log)", color="C0")
+  ax.grid(alpha=0.3, which="both")
+  errors = ax.twinx()
+  errors.plot(landscape.alphas, 100 * landscape.line_error, color="C1", linestyle="--",
+              label="error")
+  errors.set_ylim(0, 100)
+  errors.set_ylabel("training error (%)", color="C1")
+  ax.set_title(f"{_title(landscape)}: from initialisation\n{landscape.examples} training images",
+               fontsize="medium")
+
+
+def _draw_contour(ax, landscape: Landscape, *, scale: _LossScale, colorbar: bool = True):
+  filled = ax.contourf(landscape.coords, landscape.coords, scale.clip(landscape.surface_loss),
+                       levels=scale.levels, norm=scale.norm, cmap=scale.cmap)
+  ax.contour(landscape.coords, landscape.coords, scale.clip(landscape.surface_loss),
+             levels=scale.levels[::3], colors="white", linewidths=0.4, alpha=0.6)
+  ax.plot([0], [0], marker="*", color="red", markersize=10)  # The checkpoint.
+  ax.set_aspect("equal")
+  ax.set_xlabel("direction 1 (filter-normalised)")
+  ax.set_ylabel("direction 2")
+  ax.set_title(f"{_title(landscape)}\n{_settings(landscape)}", fontsize="medium")
+  if colorbar:
+    ax.figure.colorbar(filled, ax=ax, label="training loss", ticks=scale.levels[::3],
+                       format="%.3g")
+  return filled
+
+
+def _draw_surface(ax, landscape: Landscape, *, scale: _LossScale) -> None:
+  x, y = np.meshgrid(landscape.coords, landscape.coords)
+  z = np.log10(scale.clip(landscape.surface_loss))
+  ax.plot_surface(x, y, z, cmap=scale.cmap, linewidth=0, antialiased=True,
+                  norm=colors.Normalize(math.log10(scale.low), math.log10(scale.high)))
+  ax.set_zlim(math.log10(scale.low), math.log10(scale.high))
+  ax.set_xlabel("direction 1")
+  ax.set_ylabel("direction 2")
+  ax.set_zlabel("log10 training loss")
+  ax.set_title(_title(landscape), fontsize="medium")
+
+
+# --- Command line. ---
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run whose landscape to compute.")
+_COMPARE = flags.DEFINE_list("compare", [], "Runs to draw side by side: RUN_A,RUN_B[,...]; "
+                             "the flags below compute those without a landscape.npz.")
+_OUT = flags.DEFINE_string("out", None, "Where --compare writes compare.png; default: the last "
+                           "run's landscape/.")
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint; default: the newest.")
+_GRID = flags.DEFINE_integer("grid", 41, "Points along the line and along each surface axis.")
+_SPAN = flags.DEFINE_float("span", 1.0, "The surface covers [-span, span] along each direction.")
+_EXAMPLES = flags.DEFINE_integer("examples", 1000, "The first N training images evaluate each "
+                                 "network.")
+_SEED = flags.DEFINE_integer("seed", 0, "Draws the surface's two directions.")
+
+
+def main(argv: list[str]) -> int:
+  del argv  # cli.run refuses positional arguments.
+  if bool(_WORKDIR.value) == bool(_COMPARE.value):
+    raise config_lib.ConfigError("give either --workdir=RUN (one run's landscape) or "
+                                 "--compare=RUN_A,RUN_B (runs side by side)")
+  if _WORKDIR.value:
+    _landscape_of(_WORKDIR.value, _checked(_WORKDIR.value))
+    return cli.EXIT_OK
+  runs = _COMPARE.value
+  if len(runs) < 2:
+    raise config_lib.ConfigError(f"--compare needs at least two runs; got {runs}")
+  stored = {run: os.path.join(run, LANDSCAPE_DIR, DATA_FILE) for run in runs}
+  # Every run is checked before any is computed.
+  checked = {run: _checked(run) for run in runs if not os.path.isfile(stored[run])}
+  computed = {run: _landscape_of(run, step) for run, step in checked.items()}
+  landscapes = [computed[run] if run in computed else Landscape.load(stored[run])
+                for run in runs]
+  if len({(item.examples, item.span) for item in landscapes}) > 1:
+    reporting.warn("the runs' landscapes were computed on different --examples or --span; "
+                   "their scales differ")
+  out_dir = _OUT.value or os.path.join(runs[-1], LANDSCAPE_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, COMPARE_FILE)
+  plot_comparison(landscapes, path)
+  print(f"wrote {path}")
+  return cli.EXIT_OK
+
+
+def _checked(workdir: str) -> int:
+  """Checks a run and the flags against it (raising what compute_landscape would) before any
+  work; returns the checkpoint's step."""
+  config = run_config(workdir)
+  step = checkpoint_step(workdir, _STEP.value)
+  check_settings(config, grid=_GRID.value, span=_SPAN.value, examples=_EXAMPLES.value)
+  return step
+
+
+def _landscape_of(workdir: str, step: int) -> Landscape:
+  """Computes and writes one run's landscape; prints what it wrote."""
+  landscape = compute_landscape(workdir, step=step, grid=_GRID.value, span=_SPAN.value,
+                                examples=_EXAMPLES.value, seed=_SEED.value)
+  out_dir = os.path.join(workdir, LANDSCAPE_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  landscape.save(os.path.join(out_dir, DATA_FILE))
+  paths = [os.path.join(out_dir, DATA_FILE), *write_figures(landscape, out_dir)]
+  for path in paths:
+    print(f"wrote {path}")
+  print(f"{landscape.network}: loss {landscape.line_loss[0]:.4g} initial, "
+        f"{landscape.line_loss[-1]:.4g} at step {landscape.step}; surface loss "
+        f"{np.nanmin(landscape.surface_loss):.4g} to {np.nanmax(landscape.surface_loss):.4g} "
+        f"within {landscape.span:g} of it; {landscape.seconds:.0f} s")
+  return landscape
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,159 @@
+"""The loss-landscape instrument: filter-normalised directions, the line's ends, the surface's
+centre, the command line and its refusals, on one tiny trained run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from resnet_jax import checkpoints, data, landscape, models, parallel, sources, train, trainer
+from resnet_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = 40  # Not a multiple of the 16-example chunks: the last one is padded and masked.
+EPS = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module")
+def run_dir(prepared_data_dir, tmp_path_factory) -> str:
+  """A width-0.25 ResNet-20 trained 3 steps at batch 16, checkpointed at steps 2 and 3."""
+  config = config_lib.default_config()
+  for field, value in {"dataset.data_dir": prepared_data_dir, "dataset.eval_split": "test[:32]",
+                       "model.width": 0.25, "batch_size": 16, "eval_batch_size": 16,
+                       "num_steps": 3, "log_every": 1, "eval_every": 0, "checkpoint_every": 2,
+                       "optimizer.schedule": "constant", "progress_bar": False}.items():
+    section, _, leaf = field.rpartition(".")
+    (config[section] if section else config)[leaf] = value
+  workdir = str(tmp_path_factory.mktemp("landscape") / "run")
+  assert train.train_and_evaluate(config, workdir).status == "completed"
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def computed(run_dir) -> landscape.Landscape:
+  return landscape.compute_landscape(run_dir, grid=3, span=0.5, examples=EXAMPLES, seed=0)
+
+
+def checkpoint_variables(run_dir: str) -> dict:
+  _, state = checkpoints.read_state(os.path.join(run_dir, "checkpoints"))
+  return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+@pytest.fixture(scope="module")
+def assert_evaluates_as_directly(run_dir):
+  """Asserts that the landscape's (loss, error) of some variables are what model.apply gives in
+  eval mode on one device, on the same images: the loss to within what evaluating them in
+  another order and batching gives (the yardstick; 10x lets the two differ in size), the error
+  count exactly."""
+  config = landscape.run_config(run_dir)
+  info = data.dataset_info(config.dataset)
+  model = models.get_model(num_classes=info.num_classes, **config.model)
+  images, labels = (x[:EXAMPLES] for x in data.load_split(config.dataset, "train"))
+  apply = jax.jit(lambda v, x: model.apply(v, data.normalize(x, info.mean, info.std),
+                                           train=False))
+
+  def direct(variables, order, chunks):
+    logits = np.concatenate([apply(variables, part)
+                             for part in np.array_split(images[order], chunks)])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels[order])
+    return float(np.mean(losses)), int(np.sum(np.argmax(logits, -1) != labels[order]))
+
+  def check(variables, loss, error):
+    variables = jax.tree.map(np.asarray, variables)  # From the mesh to one device.
+    expected, errors = direct(variables, np.arange(EXAMPLES), chunks=1)
+    other, _ = direct(variables, np.arange(EXAMPLES)[::-1], chunks=2)
+    assert abs(loss - expected) <= 10 * max(abs(other - expected), EPS * expected)
+    assert round(error * EXAMPLES) == errors
+  return check
+
+
+def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_or_bias_part(
+    run_dir):
+  variables = checkpoint_variables(run_dir)
+  direction, = landscape.random_directions(7, variables, count=1)
+
+  kernels = 0
+  for (path, d), p in zip(jax.tree.leaves_with_path(direction["params"]),
+                          jax.tree.leaves(variables["params"])):
+    name = jax.tree_util.keystr(path)
+    if p.ndim >= 2:  # A conv or dense kernel [..., in, out]: one norm per output filter.
+      kernels += 1
+      axes = tuple(range(p.ndim - 1))
+      norm = lambda x: np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=axes))
+      # Each element is rounded once to float32, so each norm is within eps/2 of the exact one.
+      np.testing.assert_allclose(norm(d), norm(p), rtol=EPS, err_msg=name)
+    else:  # BN scales and offsets, the head's bias.
+      assert not np.any(d), name
+  assert kernels == 20  # 19 convs (option A: no projections) and the dense head.
+  assert not any(np.any(s) for s in jax.tree.leaves(direction["batch_stats"]))
+  again, = landscape.random_directions(7, variables, count=1)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(direction),
+                                                  jax.tree.leaves(again)))
+
+
+def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
+                                                          assert_evaluates_as_directly):
+  assert computed.step == 3 and np.array_equal(computed.coords, [-0.5, 0.0, 0.5])
+  assert_evaluates_as_directly(checkpoint_variables(run_dir),
+                               computed.surface_loss[1, 1], computed.surface_error[1, 1])
+  # Half a filter norm away the network is another one: the centre is not the whole surface.
+  assert np.all(np.delete(computed.surface_loss.ravel(), 4) != computed.surface_loss[1, 1])
+
+
+def test_line_runs_from_the_initial_network_to_the_checkpoint(run_dir, computed,
+                                                              assert_evaluates_as_directly):
+  config = landscape.run_config(run_dir)
+  built = trainer.build(config, data.dataset_info(config.dataset), parallel.make_mesh(),
+                        source=sources.DeviceBatches(iter(()), {}))
+  init = built.init_state()
+  initial = {"params": init.params, "batch_stats": init.batch_stats}
+
+  assert np.array_equal(computed.alphas, [0.0, 0.5, 1.0])
+  assert_evaluates_as_directly(initial, computed.line_loss[0], computed.line_error[0])
+  assert_evaluates_as_directly(checkpoint_variables(run_dir), computed.line_loss[-1],
+                               computed.line_error[-1])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "resnet_jax.landscape", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_command_line_writes_the_landscape_and_compare_draws_two_runs(run_dir, tmp_path):
+  out = run_cli(f"--workdir={run_dir}", "--step=2", "--grid=3", "--examples=16")
+  assert out.returncode == 0, out.stderr
+  written = os.path.join(run_dir, "landscape")
+  assert sorted(os.listdir(written)) == ["contour.png", "landscape.npz", "line.png",
+                                         "surface.png"]
+  stored = landscape.Landscape.load(os.path.join(written, "landscape.npz"))
+  assert (stored.network, stored.step, stored.examples, stored.span) == (
+      "ResNet-20, width 0.25", 2, 16, 1.0)
+  assert stored.surface_loss.shape == (3, 3) and np.all(np.isfinite(stored.line_loss))
+
+  twin = str(tmp_path / "twin")  # A second run without a landscape: --compare computes it.
+  shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("landscape"))
+  out = run_cli(f"--compare={run_dir},{twin}", "--grid=3", "--examples=16",
+                f"--out={tmp_path / 'both'}")
+  assert out.returncode == 0, out.stderr
+  assert os.path.getsize(tmp_path / "both" / "compare.png") > 0
+  assert landscape.Landscape.load(os.path.join(twin, "landscape", "landscape.npz")).step == 3
+
+
+def test_bad_settings_are_one_line_and_exit_code_2_before_any_work(run_dir, tmp_path):
+  fresh = str(tmp_path / "fresh")
+  shutil.copytree(run_dir, fresh, ignore=shutil.ignore_patterns("landscape"))
+  out = run_cli(f"--workdir={fresh}", "--grid=1", "--examples=70000")
+
+  assert out.returncode == 2
+  assert out.stderr == (
+      "error: invalid landscape settings: --grid must be at least 2 (points per axis); got 1; "
+      "--examples must be in [1, 60,000] (the train split 'train' of fashion_mnist); "
+      "got 70000\n")
+  assert not os.path.exists(os.path.join(fresh, "landscape"))
