@@ -8,18 +8,21 @@
 #      exit code, the checkpointed step, seconds to stop, and a bitwise resume;
 #   4. configs/sweeps/ablation_fashion_mnist_gpu.py with its plots;
 #   5. configs/sweeps/lr_depth_fashion_mnist_gpu.py (the lr x depth trainability map) with its
-#      plots.
+#      plots;
+#   6. configs/sweeps/why_residual_fashion_mnist_gpu.py (sharpness, noise scale, gradient flow)
+#      with its plots and the plain-vs-residual loss landscapes at depths 110 and 20.
 # Usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]
 # writes JSON lines and tarballs to OUT_DIR; each part is cut short so that the whole ends within
-# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5") picks the parts,
-# so that a lease too short for all of them can run part 5 on its own: `... OUT_DIR 330 5`.
+# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5 6") picks the parts,
+# so that a lease too short for all of them can run parts on their own: `... OUT_DIR 480 5 6`.
 # 6.2 minutes on one H100 (jax 0.11.2) without parts 3 and 5; parts 1-4 took 7.1 minutes on one
-# H200. Part 5 is not yet measured (sized at about 4 minutes on one H100; capped at 270 s).
+# H200. Parts 5 and 6 are not yet measured (5 sized at about 4 minutes on one H100, capped at
+# 270 s; 6 capped at 240 s for the sweep and 60 s per landscape).
 set -u
 usage="usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]"
 out=${1:?$usage}
 deadline=$((SECONDS + ${2:-540}))
-parts=" ${3:-1 2 3 4 5} "
+parts=" ${3:-1 2 3 4 5 6} "
 # Whether part $1 is to run.
 want() {
   [[ $parts == *" $1 "* ]]
@@ -90,4 +93,23 @@ JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 
     --parallel=3 --devices=0,0,0 2>&1 | tail -39
 python -m resnet_jax.sweep --workdir="$runs/lr_depth" --plot 2>&1 | tail -3
 tar czf "$out/lr_depth.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" lr_depth
+fi
+
+if want 6; then
+echo "== 6. configs/sweeps/why_residual_fashion_mnist_gpu.py"
+why="$runs/why_residual"
+JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 \
+    timeout $(limit 240) python -m resnet_jax.sweep \
+    --config=configs/sweeps/why_residual_fashion_mnist_gpu.py --workdir="$why" \
+    --parallel=4 --devices=0,0,0,0 2>&1 | tail -7
+python -m resnet_jax.sweep --workdir="$why" --plot 2>&1 | tail -5
+for depth in 110 20; do
+  for skip in false true; do
+    timeout $(limit 60) python -m resnet_jax.landscape --workdir="$why/depth=$depth,skip=$skip" \
+        2>&1 | tail -1
+  done
+  python -m resnet_jax.landscape --out="$why/compare_depth=$depth" \
+      --compare="\"$why/depth=$depth,skip=false\",\"$why/depth=$depth,skip=true\"" 2>&1 | tail -1
+done
+tar czf "$out/why_residual.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" why_residual
 fi
