@@ -34,6 +34,17 @@ limit() {
 }
 mkdir -p "$out"
 runs=$(mktemp -d)
+# Runs configs/sweeps/$1.py in $runs/$2, at most $3 seconds, $4 points sharing the GPU at once
+# (each with 1/($4 + 1) of its memory), printing the last $5 lines of its table; then its plots.
+# The points share a compilation cache: those that differ only in the step's inputs compile once.
+sweep() {
+  local devices
+  devices=$(printf '0,%.0s' $(seq "$4"))
+  JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.$((100 / ($4 + 1))) \
+      timeout $(limit "$3") python -m resnet_jax.sweep --config="configs/sweeps/$1.py" \
+      --workdir="$runs/$2" --parallel="$4" --devices="${devices%,}" 2>&1 | tail -"$5"
+  python -m resnet_jax.sweep --workdir="$runs/$2" --plot 2>&1 | tail -5
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 timeout $(limit 120) python -m resnet_jax.prepare fashion_mnist 2>&1 | tail -1
@@ -77,32 +88,21 @@ fi
 
 if want 4; then
 echo "== 4. configs/sweeps/ablation_fashion_mnist_gpu.py"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 timeout $(limit 330) python -m resnet_jax.sweep \
-    --config=configs/sweeps/ablation_fashion_mnist_gpu.py --workdir="$runs/ablation" \
-    --parallel=3 --devices=0,0,0 2>&1 | tail -9
-python -m resnet_jax.sweep --workdir="$runs/ablation" --plot 2>&1 | tail -3
+sweep ablation_fashion_mnist_gpu ablation 330 3 9
 tar czf "$out/ablation.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" ablation
 fi
 
 if want 5; then
 echo "== 5. configs/sweeps/lr_depth_fashion_mnist_gpu.py"
 # 36 points, three at a time; with the compilation cache each depth and skip compiles once.
-JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
-    timeout $(limit 270) python -m resnet_jax.sweep \
-    --config=configs/sweeps/lr_depth_fashion_mnist_gpu.py --workdir="$runs/lr_depth" \
-    --parallel=3 --devices=0,0,0 2>&1 | tail -39
-python -m resnet_jax.sweep --workdir="$runs/lr_depth" --plot 2>&1 | tail -3
+sweep lr_depth_fashion_mnist_gpu lr_depth 270 3 39
 tar czf "$out/lr_depth.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" lr_depth
 fi
 
 if want 6; then
 echo "== 6. configs/sweeps/why_residual_fashion_mnist_gpu.py"
 why="$runs/why_residual"
-JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 \
-    timeout $(limit 240) python -m resnet_jax.sweep \
-    --config=configs/sweeps/why_residual_fashion_mnist_gpu.py --workdir="$why" \
-    --parallel=4 --devices=0,0,0,0 2>&1 | tail -7
-python -m resnet_jax.sweep --workdir="$why" --plot 2>&1 | tail -5
+sweep why_residual_fashion_mnist_gpu why_residual 240 4 7
 for depth in 110 20; do
   for skip in false true; do
     timeout $(limit 60) python -m resnet_jax.landscape --workdir="$why/depth=$depth,skip=$skip" \
