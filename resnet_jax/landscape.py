@@ -51,7 +51,6 @@ Command line (cli.py's conventions: bad input is one line `error: ...` and exit 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -60,7 +59,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
@@ -163,8 +161,8 @@ def surface_coordinates(grid: int, span: float) -> np.ndarray:
   return span * (2 * np.arange(grid) - (grid - 1)) / (grid - 1)
 
 
-def make_evaluator(model, images: np.ndarray, labels: np.ndarray, *, info: data.DatasetInfo,
-                   dtype: str, mesh: jax.sharding.Mesh, batch_size: int
+def make_evaluator(eval_step, images: np.ndarray, labels: np.ndarray, *,
+                   mesh: jax.sharding.Mesh, batch_size: int
                    ) -> Callable[[Sequence[Variables], np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """A function `(points, coefficients) -> (loss [P], error [P])` on a fixed set of images.
 
@@ -172,16 +170,15 @@ def make_evaluator(model, images: np.ndarray, labels: np.ndarray, *, info: data.
   network of row p being sum_k coefficients[p, k] * points[k] (BN statistics included).
   images: uint8 [N, H, W, C] and labels: int32 [N] are placed on the mesh once, in chunks of
   `batch_size` (rounded up to a multiple of the devices; the last one padded and masked).
-  Each network is evaluated as steps.eval_step evaluates it (BN in inference mode); the
-  coefficients are inputs, so one compiled program serves every grid point.
+  eval_step: the run's `Trainer.eval_step`, so each network is evaluated as the run evaluates
+  its test set (BN in inference mode); the coefficients are inputs, so one compiled program
+  serves every grid point.
   """
   devices = mesh.devices.size
   chunk = -(-min(batch_size, len(labels)) // devices) * devices
   batches = [jax.device_put({"image": images[idx], "label": labels[idx], "mask": mask},
                             parallel.batch_sharded(mesh))
              for idx, mask in data.eval_batches(len(labels), chunk)]
-  eval_step = functools.partial(steps.eval_step, model=model, mean=tuple(info.mean),
-                                std=tuple(info.std), dtype=jnp.dtype(dtype))
 
   @jax.jit
   def summed(points, coefficients, batch):
@@ -304,8 +301,7 @@ def compute_landscape(workdir: str, *, step: int | None = None, grid: int = 41,
   init = trainer.init_state()
   initial = {"params": init.params, "batch_stats": init.batch_stats}
   images, labels = data.load_split(config.dataset, config.dataset.train_split)
-  evaluate = make_evaluator(trainer.model, images[:examples], labels[:examples], info=info,
-                            dtype=config.model.dtype, mesh=mesh,
+  evaluate = make_evaluator(trainer.eval_step, images[:examples], labels[:examples], mesh=mesh,
                             batch_size=config.eval_batch_size)
   alphas = line_coordinates(grid)
   line_loss, line_error = loss_line(evaluate, initial, final, alphas)

@@ -59,6 +59,8 @@ class Trainer:
   # with_diagnostics -> the jitted train step; `compile` swaps in the compiled plain one.
   train_programs: dict[bool, Any]
   eval_program: Any  # The jitted eval step: (state, totals, eval inputs) -> totals.
+  # steps.eval_step bound to the model and normalisation, unjitted: (state, batch) -> metrics.
+  eval_step: Callable[[steps.TrainState, dict], dict]
   # "sharpness" and "noise_scale" -> that instrument's jitted programs, by name; only those on.
   instrument_programs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -194,6 +196,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
                                     donate_argnums=(0, 1), out_shardings=replicated)
                       for flag in (False, True)},
       eval_program=jax.jit(evaluate, donate_argnums=(1,), out_shardings=replicated),
+      eval_step=eval_step,
       instrument_programs=instruments)
 
 
