@@ -51,6 +51,8 @@ _HASH_CHUNK = 1 << 20
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "profile_steps", "progress_bar", "diagnostics_every", "eval_batch_size",
+    # Steps per call: the loop program rounds in the last bits differently, as another CPU does.
+    "steps_per_call",
     "dataset.data_dir", "num_epochs", "eval_every_epochs", "checkpoint_every_epochs",
     # Instruments measure the run without changing it.
     "sharpness_every", "sharpness_top", "sharpness_iters", "sharpness_batch_size",

@@ -107,6 +107,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000  # 0 = only at the end.
   c.checkpoint_every_epochs = 0.0  # >0 replaces checkpoint_every.
   c.keep_checkpoints = 3
+  # Training steps per compiled call, logs, evaluations and checkpoints falling between calls;
+  # 0 = by platform: 1 on CPU, 20 on GPU and TPU (trainer.resolve_steps_per_call says why).
+  c.steps_per_call = 0
   c.profile_steps = 0  # >0: write a jax.profiler trace of this many steps after warm-up.
   c.diagnostics_every = 0  # >0: record per-block gradient and activation norms every k steps.
   # Instruments (resnet_jax/curvature.py), each its own compiled program beside the train step,
@@ -288,6 +291,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _positive(errors, "config.log_every", config.log_every)
   _positive(errors, "config.keep_checkpoints", config.keep_checkpoints)
   _positive(errors, "config.profile_steps", config.profile_steps, allow_zero=True)
+  _positive(errors, "config.steps_per_call", config.steps_per_call, allow_zero=True)
   _positive(errors, "config.diagnostics_every", config.diagnostics_every, allow_zero=True)
   _positive(errors, "config.dataset.crop_padding", config.dataset.crop_padding, allow_zero=True)
   for field in ("batch_size", "eval_batch_size"):

@@ -4,6 +4,8 @@ A source is not a trainer: `trainer.build` compiles the steps once and asks the 
 
   train_inputs()            the argument the compiled train step takes at the next step;
   train_spec                its shapes, dtypes and shardings, to compile ahead of the first step;
+  stacks_steps              whether train_inputs() changes from step to step (a batch each), so
+                            that a call of several steps (trainer.py) takes several, stacked;
   train_batch(inputs, state)  traced inside the step: {"image": uint8 [B, H, W, C] augmented,
                             "label": int32 [B]};
   eval_inputs()             one pass over the eval split, one argument per compiled eval step;
@@ -45,6 +47,7 @@ def make_source(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh)
 
 class InMemory:
   """Both splits on every device as uint8; batches gathered inside the compiled steps."""
+  stacks_steps = False  # Every step takes the whole split.
 
   def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh):
     cfg = config.dataset
@@ -98,6 +101,7 @@ class DeviceBatches:
   train_spec: dict  # jax.ShapeDtypeStruct per array of a training batch.
   eval: Iterable[dict] = ()
   checkpoint: Callable[[bool], dict] = lambda restore: {}
+  stacks_steps = True  # Each step takes the next batch.
 
   def train_inputs(self) -> dict:
     return next(self.train)

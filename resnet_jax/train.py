@@ -221,7 +221,8 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
   """Runs steps start.step+1..num_steps, keeping the summary fields in `out` current.
 
   `best` is the best test error of earlier, interrupted parts of this run (inf if none). Stops
-  after the step in flight when `stop` is requested, with that step logged and checkpointed.
+  after the call in flight when `stop` is requested, with its last step logged and checkpointed.
+  A call runs up to trainer.steps_per_call steps, ending where the loop has work (_call_length).
   """
   state, first_step = start.state, start.step
   totals = trainer.zero_totals()
@@ -230,11 +231,14 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
     _record_instruments(config, trainer, state, 0, reporter, num_train)
   mark_step, mark_time = first_step, time.time()
 
-  for step in range(first_step + 1, config.num_steps + 1):
-    if config.profile_steps and step == first_step + 2:  # Trace after the first, slow step.
+  step = first_step
+  while step < config.num_steps:
+    if config.profile_steps and step == first_step + 1:  # Trace after the first, slow call.
       jax.profiler.start_trace(os.path.join(workdir, "profile"))
-    diag_now = bool(config.diagnostics_every) and (step - 1) % config.diagnostics_every == 0
-    state, totals, diag = trainer.train(state, totals, with_diagnostics=diag_now)
+    diag_now = bool(config.diagnostics_every) and step % config.diagnostics_every == 0
+    count = 1 if diag_now else _call_length(config, trainer.steps_per_call, step, first_step)
+    state, totals, diag = trainer.train(state, totals, steps=count, with_diagnostics=diag_now)
+    step += count
     out["step"] = step
     if config.profile_steps and step == first_step + 1 + config.profile_steps:
       jax.block_until_ready(state)
@@ -291,6 +295,22 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
 
   out.update(status=reporting.COMPLETED, message="finished",
              best_test_error=best if np.isfinite(best) else float("nan"))
+
+
+def _call_length(config, steps_per_call: int, step: int, first_step: int) -> int:
+  """How many steps the call starting after `step` runs: up to steps_per_call, ending where the
+  loop next has work to do (a log, evaluation, checkpoint, instrument, diagnostics step, profile
+  mark or the last step), so that these fall at the same steps whatever steps_per_call is."""
+  end = min(step + steps_per_call, config.num_steps)
+  for every in (config.log_every, config.eval_every, config.checkpoint_every,
+                config.diagnostics_every, config.sharpness_every, config.noise_scale_every):
+    if every:
+      end = min(end, (step // every + 1) * every)
+  if config.profile_steps:
+    for mark in (first_step + 1, first_step + 1 + config.profile_steps):
+      if mark > step:
+        end = min(end, mark)
+  return end - step
 
 
 def _record_instruments(config, trainer: trainer_lib.Trainer, state: steps.TrainState,
