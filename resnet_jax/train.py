@@ -18,28 +18,46 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoints, curvature, data, optim, parallel, preemption, reporting, steps
+from resnet_jax import (checkpoints, compilation, curvature, data, optim, parallel, preemption,
+                        reporting, steps)
 from resnet_jax import config as config_lib
 from resnet_jax import lock as lock_lib
 from resnet_jax import trainer as trainer_lib
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       lock_timeout_s: float = 0.0) -> reporting.Summary:
+                       lock_timeout_s: float = 0.0,
+                       trainers: trainer_lib.Cache | None = None) -> reporting.Summary:
   """Trains and evaluates one run described by `config`; resumes from `workdir` if it can.
 
   Returns the reporting.Summary it writes to `workdir/summary.json`: status COMPLETED, DIVERGED,
   PREEMPTED (stopped by SIGTERM or SIGINT with its last step checkpointed) or FAILED, the steps
   trained, the final and best errors, the wall time over every segment of a resumed run and the
   parameter count. A run that has completed is not run again: its summary is returned and
-  nothing is written.
+  nothing is written. `trainers` lets a process that trains several runs (a sweep) reuse the
+  compiled programs of an earlier one whose config differs only in the step's inputs.
 
   Raises, before anything in `workdir` is written: config.ConfigError (a bad config),
   data.DatasetNotPreparedError, lock.WorkdirError (another process holds the workdir, even
   after waiting `lock_timeout_s`; or it is a file or not writable),
   checkpoints.CheckpointMismatchError and checkpoints.NoUsableCheckpointError.
   """
-  # --- Validate everything that can be checked before any work. ---
+  config, info = prepare(config)
+
+  # --- One writer per workdir: a second run there stops here. ---
+  lock = lock_workdir(workdir, lock_timeout_s)
+  try:
+    return _run(config, workdir, info, trainers)
+  finally:
+    if lock is not None:
+      lock.release(remove_new_workdir=True)  # A run refused before its start leaves no trace.
+
+
+def prepare(config: ml_collections.ConfigDict
+            ) -> tuple[ml_collections.ConfigDict, data.DatasetInfo]:
+  """Validates everything that can be checked before any work: (the config with its *_epochs
+  fields resolved into steps, the dataset's description). Raises config.ConfigError or
+  data.DatasetNotPreparedError."""
   config_lib.validate(config, num_devices=jax.device_count())
   data.check_prepared(config.dataset)
   info = data.dataset_info(config.dataset)
@@ -50,17 +68,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"config.sharpness_every and config.noise_scale_every must be 0 for {info.name}: the "
         "instruments draw un-augmented training examples by index, and a streamed dataset is "
         "not held where they can (sources.DeviceBatches)")
-
-  # --- One writer per workdir: a second run there stops here. ---
-  lock = _lock_workdir(workdir, lock_timeout_s)
-  try:
-    return _run(config, workdir, info)
-  finally:
-    if lock is not None:
-      lock.release(remove_new_workdir=True)  # A run refused before its start leaves no trace.
+  return config, info
 
 
-def _lock_workdir(workdir: str, timeout_s: float) -> lock_lib.WorkdirLock | None:
+def lock_workdir(workdir: str, timeout_s: float) -> lock_lib.WorkdirLock | None:
   """Process 0 locks the workdir (the others get None); every process learns if it could."""
   lock, error = None, ""
   if jax.process_index() == 0:
@@ -77,23 +88,25 @@ def _lock_workdir(workdir: str, timeout_s: float) -> lock_lib.WorkdirLock | None
   return lock
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str,
-         info: data.DatasetInfo) -> reporting.Summary:
+def _run(config: ml_collections.ConfigDict, workdir: str, info: data.DatasetInfo,
+         trainers: trainer_lib.Cache | None) -> reporting.Summary:
   """The run itself, with the workdir locked."""
-  done = _completed_summary(workdir, config)
+  done = completed_summary(workdir, config)
   if done is not None:
     return done  # Running a finished run again changes nothing.
   is_writer = jax.process_index() == 0
 
   # --- Model, optimizer, batch source and compiled steps, from one builder. ---
-  trainer = trainer_lib.build(config, info, parallel.make_mesh())
+  compilation.use_cache(workdir)  # A resumed run loads its programs (unless a sweep's cache).
+  trainer = (trainers.build if trainers else trainer_lib.build)(config, info,
+                                                                parallel.make_mesh())
 
   # --- State: fresh, or the newest intact checkpoint if the config matches it. ---
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   start = trainer.restore_or_init(checkpoint_dir)
   num_params = steps.count_params(start.state.params)
   if start.step >= config.num_steps:  # Trained already: its records say how it ended.
-    return _finished_summary(config, workdir, start, num_params, info.num_train,
+    return finished_summary(config, workdir, start, num_params, info.num_train,
                              evaluate=lambda: trainer.evaluate(start.state))
 
   # --- From here on the workdir is written. ---
@@ -110,7 +123,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   reporter = reporting.Reporter(workdir, num_steps=config.num_steps, first_step=start.step,
                                 enabled=is_writer, progress_bar=config.progress_bar,
                                 wall_time_s=start.wall_time_s)
-  best = _best_test_error(reporting.read_metrics(workdir)) if is_writer else float("inf")
+  best = best_test_error(reporting.read_metrics(workdir)) if is_writer else float("inf")
   # Signals only set a flag from here until the last save has completed.
   with preemption.StopRequest(synced=jax.process_count() > 1) as stop:
     try:
@@ -148,13 +161,13 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
-def _best_test_error(events: list[dict]) -> float:
+def best_test_error(events: list[dict]) -> float:
   """The best test error among logged evaluations (inf if none)."""
   return min((e["test_error"] for e in events if e["event"] == reporting.EVAL),
              default=float("inf"))
 
 
-def _completed_summary(workdir: str, config: ml_collections.ConfigDict
+def completed_summary(workdir: str, config: ml_collections.ConfigDict
                        ) -> reporting.Summary | None:
   """summary.json of this run if it completed, at its newest checkpoint, at least num_steps
   steps under a config that only differs in bookkeeping; else None (and the run goes on)."""
@@ -172,7 +185,7 @@ def _completed_summary(workdir: str, config: ml_collections.ConfigDict
   return None
 
 
-def _finished_summary(config, workdir: str, start: checkpoints.Restored, num_params: int,
+def finished_summary(config, workdir: str, start: checkpoints.Restored, num_params: int,
                       num_train: int, evaluate) -> reporting.Summary:
   """The summary of a run restored at or past num_steps whose summary.json does not say so.
 
@@ -185,7 +198,7 @@ def _finished_summary(config, workdir: str, start: checkpoints.Restored, num_par
   train = [e for e in events if e["event"] == reporting.TRAIN and e["step"] == step]
   evals = [e for e in events if e["event"] == reporting.EVAL and e["step"] == step]
   if not evals:
-    event = _eval_event(evaluate(), step, _epoch(config, num_train, step), start.wall_time_s)
+    event = eval_event(evaluate(), step, _epoch(config, num_train, step), start.wall_time_s)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, reporting.METRICS_FILE), "a") as f:
         f.write(json.dumps(event) + "\n")
@@ -196,7 +209,7 @@ def _finished_summary(config, workdir: str, start: checkpoints.Restored, num_par
       status=reporting.COMPLETED, message="finished", step=step,
       train_loss=train[-1]["loss"] if train else nan,
       train_error=train[-1]["train_error"] if train else nan,
-      test_error=evals[-1]["test_error"], best_test_error=_best_test_error(events),
+      test_error=evals[-1]["test_error"], best_test_error=best_test_error(events),
       wall_time_s=round(start.wall_time_s, 3), num_params=num_params)
   if jax.process_index() == 0:
     summary.write(workdir)
@@ -207,7 +220,7 @@ def _epoch(config, num_train: int, step: int) -> float:
   return round(step * config.batch_size / num_train, 4)
 
 
-def _eval_event(totals: dict, step: int, epoch: float, wall_time_s: float) -> dict:
+def eval_event(totals: dict, step: int, epoch: float, wall_time_s: float) -> dict:
   """The metrics.jsonl event of an evaluation's host totals."""
   return {"event": reporting.EVAL, "step": step, "epoch": epoch,
           "test_loss": float(totals["loss"] / totals["count"]),
@@ -236,7 +249,7 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
     if config.profile_steps and step == first_step + 1:  # Trace after the first, slow call.
       jax.profiler.start_trace(os.path.join(workdir, "profile"))
     diag_now = bool(config.diagnostics_every) and step % config.diagnostics_every == 0
-    count = 1 if diag_now else _call_length(config, trainer.steps_per_call, step, first_step)
+    count = 1 if diag_now else call_length(config, trainer.steps_per_call, step, first_step)
     state, totals, diag = trainer.train(state, totals, steps=count, with_diagnostics=diag_now)
     step += count
     out["step"] = step
@@ -278,7 +291,7 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
       totals = trainer.zero_totals()
       mark_step = step
     if eval_now:
-      event = _eval_event(trainer.evaluate(state), step, _epoch(config, num_train, step),
+      event = eval_event(trainer.evaluate(state), step, _epoch(config, num_train, step),
                           reporter.wall_time())
       best = min(best, event["test_error"])
       out.update(test_error=event["test_error"], best_test_error=best)
@@ -297,7 +310,7 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
              best_test_error=best if np.isfinite(best) else float("nan"))
 
 
-def _call_length(config, steps_per_call: int, step: int, first_step: int) -> int:
+def call_length(config, steps_per_call: int, step: int, first_step: int) -> int:
   """How many steps the call starting after `step` runs: up to steps_per_call, ending where the
   loop next has work to do (a log, evaluation, checkpoint, instrument, diagnostics step, profile
   mark or the last step), so that these fall at the same steps whatever steps_per_call is."""

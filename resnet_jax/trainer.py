@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +58,50 @@ NOISE_SCALE_STREAM = 2**31 - 3
 AUTO_STEPS_PER_CALL = 20
 
 
+# The fields that are inputs of the compiled programs (in the state: optim.set_hyperparams, the
+# seed), so that points differing only in them, or in bookkeeping, share programs.
+STEP_INPUTS = ("seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay")
+# Fields no compiled program depends on (the *_epochs ones are resolved into steps first).
+_BOOKKEEPING = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                "profile_steps", "progress_bar", "diagnostics_every", "num_epochs",
+                "eval_every_epochs", "checkpoint_every_epochs")
+
+
+def program_key(config: ml_collections.ConfigDict) -> str:
+  """What a config's compiled programs depend on: the config without STEP_INPUTS and
+  bookkeeping. Configs with equal keys share one Trainer's programs (Trainer.for_config)."""
+  fields = config.to_dict()
+  for name in STEP_INPUTS + _BOOKKEEPING:
+    *path, leaf = name.split(".")
+    node = fields
+    for part in path:
+      node = node[part]
+    node.pop(leaf, None)
+  return json.dumps(fields, sort_keys=True, default=str)
+
+
+class Cache:
+  """Trainers of recent configs, for one process training several: a config whose
+  program_key matches one of them gets it (for_config) instead of compiling anew. Keeps the
+  `size` most recent, whose sources hold their datasets on the devices."""
+
+  def __init__(self, size: int = 2):
+    self._size = size
+    self._trainers: dict[str, Trainer] = {}
+
+  def build(self, config: ml_collections.ConfigDict, info: data.DatasetInfo,
+            mesh: jax.sharding.Mesh) -> Trainer:
+    """`build(config, info, mesh)`, or a cached trainer for it."""
+    key = program_key(config)
+    trainer = self._trainers.pop(key, None)
+    if trainer is None or trainer.mesh != mesh or config.dataset.name in data.STREAMED:
+      trainer = build(config, info, mesh)  # A stream's source is one run's: not shared.
+    self._trainers[key] = trainer  # The most recent last.
+    while len(self._trainers) > self._size:
+      self._trainers.pop(next(iter(self._trainers)))
+    return trainer.for_config(config)
+
+
 def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str | None = None) -> int:
   """config.steps_per_call, or when it is 0 the platform's choice: 1 on CPU, else
   AUTO_STEPS_PER_CALL. `platform` defaults to jax.default_backend()."""
@@ -73,7 +118,9 @@ class Trainer:
   tx: Any  # The optax.GradientTransformation (optim.create_optimizer).
   mesh: jax.sharding.Mesh
   source: Any  # A batch source (sources.py).
-  init_state: Callable[[], steps.TrainState]  # The initial state from config.seed, on the mesh.
+  # seed int32 [] -> the initial state of that seed, on the mesh (init_state() adds the config's
+  # hyperparameters).
+  init_program: Any
   abstract_state: steps.TrainState  # Its shapes, dtypes and shardings, for restoring.
   # The jitted train programs, by name: "plain" and "diagnostics", one step per call,
   # (state, totals, inputs) -> (state, totals, diagnostics or {}); with steps_per_call > 1 also
@@ -86,10 +133,33 @@ class Trainer:
   eval_program: Any  # The jitted eval step: (state, totals, eval inputs) -> totals.
   # steps.eval_step bound to the model and normalisation, unjitted: (state, batch) -> metrics.
   eval_step: Callable[[steps.TrainState, dict], dict]
+  # The one-step train function the programs jit, unjitted, for programs that wrap it (a
+  # population's vmap, population.py): (state, totals, inputs, *, with_diagnostics) ->
+  # (state, totals, diagnostics or {}).
+  step_fn: Callable[..., tuple[steps.TrainState, dict, dict]]
   # "sharpness" and "noise_scale" -> that instrument's jitted programs, by name; only those on.
   instrument_programs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   # Step counts as replicated int32 arrays, made once each for the loop program.
   _counts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+
+  def init_state(self) -> steps.TrainState:
+    """The initial state of config.seed, with config's learning rate, momentum and weight decay
+    in the optimizer state (a trainer shared by points that differ in them: for_config)."""
+    state = self.init_program(np.int32(self.config.seed))
+    opt = self.config.optimizer
+    return state.replace(opt_state=optim.set_hyperparams(
+        state.opt_state, learning_rate=optim.peak_learning_rate(opt, self.config.batch_size),
+        momentum=opt.momentum, weight_decay=opt.weight_decay))
+
+  def for_config(self, config: ml_collections.ConfigDict) -> Trainer:
+    """This trainer, programs and source shared, for a config that differs from its own only in
+    the step's inputs and bookkeeping (program_key(config) is the same): another point of a
+    sweep, at another learning rate, momentum, weight decay or seed. Raises ValueError for a
+    config that needs other programs."""
+    if program_key(config) != program_key(self.config):
+      raise ValueError("this trainer's programs do not run this config: they differ in "
+                       "more than " + ", ".join(STEP_INPUTS))
+    return dataclasses.replace(self, config=config)
 
   def restore_or_init(self, checkpoint_dir: str) -> checkpoints.Restored:
     """The newest intact checkpoint in `checkpoint_dir` whose config matches, with the source's
@@ -114,6 +184,8 @@ class Trainer:
     first step; returns the seconds it took."""
     start = time.time()
     programs = self.train_programs
+    if isinstance(programs["loop" if self.steps_per_call > 1 else "plain"], jax.stages.Compiled):
+      return 0.0  # Compiled for a config before this one (for_config).
     if self.steps_per_call == 1:
       programs["plain"] = programs["plain"].lower(state, totals, self.source.train_spec).compile()
     else:
@@ -248,9 +320,9 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
         source.train_spec)
     stack = jax.jit(lambda *batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches),
                     out_shardings=jax.tree.map(lambda s: s.sharding, loop_spec))
-  create_state = functools.partial(steps.create_train_state, model, tx, seed=config.seed,
-                                   image_shape=info.image_shape)
-  shapes = jax.eval_shape(create_state)
+  create_state = lambda seed: steps.create_train_state(model, tx, seed=seed,
+                                                      image_shape=info.image_shape)
+  shapes = jax.eval_shape(create_state, np.int32(config.seed))
   loss = functools.partial(training_loss, model=model, **norm)
   instruments = {}
   if config.sharpness_every:
@@ -264,7 +336,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
     programs["loop"] = jax.jit(loop, donate_argnums=(0, 1), out_shardings=replicated)
   return Trainer(
       config=config, model=model, tx=tx, mesh=mesh, source=source,
-      init_state=jax.jit(create_state, out_shardings=replicated),
+      init_program=jax.jit(create_state, out_shardings=replicated),
       abstract_state=jax.tree.map(
           lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes),
       train_programs=programs,
@@ -272,6 +344,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
       loop_spec=loop_spec, stack_program=stack,
       eval_program=jax.jit(evaluate, donate_argnums=(1,), out_shardings=replicated),
       eval_step=eval_step,
+      step_fn=train,
       instrument_programs=instruments)
 
 

@@ -94,12 +94,12 @@ def test_calls_end_where_the_loop_has_work():
   starts, step = [], 0
   while step < config.num_steps:
     starts.append(step)
-    step += train._call_length(config, 4, step, first_step=0)
+    step += train.call_length(config, 4, step, first_step=0)
   assert starts == [0, 4, 5, 7, 10]
   # Diagnostics every 3 steps: calls end on multiples of 3 (that step runs alone with them).
   config.update(diagnostics_every=3, checkpoint_every=0, log_every=100)
-  assert train._call_length(config, 4, 1, first_step=0) == 2
-  assert train._call_length(config, 4, 3, first_step=0) == 3
+  assert train.call_length(config, 4, 1, first_step=0) == 2
+  assert train.call_length(config, 4, 3, first_step=0) == 3
 
 
 def test_run_of_several_steps_per_call_resumes_bitwise_from_a_step_inside_a_call(
