@@ -39,8 +39,8 @@ def packing_errors(configs: list[ml_collections.ConfigDict]) -> list[str]:
   """Why these (validated) configs cannot train as one population; [] when they can."""
   errors = []
   first = configs[0]
-  key = _population_key(first)
-  if any(_population_key(c) != key for c in configs[1:]):
+  key = population_key(first)
+  if any(population_key(c) != key for c in configs[1:]):
     errors.append("its points differ in more than " + ", ".join(trainer_lib.STEP_INPUTS))
   if first.dataset.name in data.STREAMED:
     errors.append(f"{first.dataset.name} is streamed, a stream per run")
@@ -99,8 +99,9 @@ def train_population(configs: list[ml_collections.ConfigDict], workdirs: list[st
   return [summaries[i] for i in range(len(configs))]
 
 
-def _population_key(config: ml_collections.ConfigDict) -> str:
-  """A population's members share everything but the step's inputs, bookkeeping included."""
+def population_key(config: ml_collections.ConfigDict) -> str:
+  """Equal for configs that may train in one population: they share everything but the step's
+  inputs (trainer.STEP_INPUTS), bookkeeping included."""
   fields = config.to_dict()
   for name in trainer_lib.STEP_INPUTS:
     *path, leaf = name.split(".")

@@ -1,4 +1,13 @@
-"""Running a sweep's points: in this process one after another, or in worker processes at once.
+"""Running a sweep's points: one after another, in worker processes at once, or as populations.
+
+How points share the machine is the sweep's `pack` (PACK_MODES):
+  off            one point at a time in this process; points that differ only in the step's
+                 inputs (learning rate, momentum, weight decay, seed) reuse one compiled program;
+  processes:N    N worker processes at once (on one GPU each gets 1/N of its memory);
+  population:N   up to N such points stacked and trained by one vmapped program in this process
+                 (population.py); points that cannot be packed run one at a time;
+  auto           AUTO_PACK's choice for the platform, from measurements.
+Every mode shares one persistent compilation cache in the sweep's workdir (compilation.py).
 
 Each point is an ordinary run in its sub-workdir; a point that diverges or raises is recorded in
 its summary.json and the sweep goes on. SIGTERM or SIGINT stops the sweep the way it stops a run:
@@ -9,6 +18,7 @@ from the kernel (Linux's PR_SET_PDEATHSIG), so no worker outlives its sweep.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -32,13 +42,39 @@ WORKER_LOG = "sweep_worker.log"  # A worker process's output, in its point's dir
 # A parallel sweep's workers wait this long for a point whose previous worker is still stopping.
 WORKER_LOCK_TIMEOUT_S = 120
 _PARENT_ENV = "RESNET_JAX_SWEEP_PARENT"  # The parent's PID, in a parallel sweep's workers.
+_MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 RunFn = Callable[[ml_collections.ConfigDict, str], reporting.Summary]
+
+PACK_MODES = ("off", "processes", "population")
+# What `auto` picks by platform (jax.default_backend()), from experiments/pack_bench.py. A mode
+# that did not pay on a platform is not picked there; unmeasured platforms get "off".
+AUTO_PACK = {"cpu": "off"}
+
+
+def parse_pack(text: str) -> tuple[str, int]:
+  """`off`, `processes:N`, `population:N` or `auto` -> (mode, N); auto is resolved here, by
+  platform (AUTO_PACK). Raises ConfigError naming what is allowed."""
+  if text == "auto":
+    import jax  # Late: only a sweep that packs automatically asks the platform.
+    text = AUTO_PACK.get(jax.default_backend(), "off")
+  mode, _, size = text.partition(":")
+  allowed = "off, processes:N, population:N (N >= 1) or auto"
+  if mode not in PACK_MODES or (mode == "off") != (size == ""):
+    raise config_lib.ConfigError(f"pack must be {allowed}; got {text!r}")
+  try:
+    count = int(size) if size else 1
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise config_lib.ConfigError(f"pack must be {allowed}; got {text!r}")
+  return mode, count
 
 
 def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
               run_fn: RunFn | None = None, point_index: int | None = None, parallel: int = 1,
-              devices: Sequence[str] = (), lock_timeout_s: float = 0.0) -> list[dict]:
+              devices: Sequence[str] = (), lock_timeout_s: float = 0.0,
+              pack: str = "off") -> list[dict]:
   """Runs the sweep's unfinished points, then writes and returns the results table.
 
   Args:
@@ -48,9 +84,10 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
     run_fn: runs one point, `(config, workdir) -> reporting.Summary`; default
       `train.train_and_evaluate`. Only in-process: not with parallel > 1.
     point_index: run this point only (a cluster array task); None runs them all.
-    parallel: points run at once, each in its own process.
+    parallel: points run at once, each in its own process (the same as pack="processes:N").
     devices: GPU ids handed out to those processes, in turn (CUDA_VISIBLE_DEVICES).
     lock_timeout_s: how long a point waits for its workdir while another process holds it.
+    pack: how points share the machine: off, processes:N, population:N or auto (see above).
 
   Returns:
     results.results_table: one dict per point, in sweep order.
@@ -59,8 +96,15 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
   if point_index is not None and not 0 <= point_index < len(sweep):
     raise config_lib.ConfigError(
         f"point_index must be in [0, {len(sweep) - 1}]; got {point_index}")
-  if parallel < 1 or parallel > 1 and run_fn is not None:
-    raise config_lib.ConfigError(f"parallel must be >= 1, and 1 with a run_fn; got {parallel}")
+  mode, size = parse_pack(pack)
+  if parallel > 1:
+    if mode != "off":
+      raise config_lib.ConfigError(f"parallel={parallel} and pack={pack!r} both say how points "
+                                   "share the machine: give one (processes:N is parallel=N)")
+    mode, size = "processes", parallel
+  if parallel < 1 or mode != "off" and run_fn is not None:
+    raise config_lib.ConfigError(f"parallel must be >= 1, and a run_fn runs with pack off only; "
+                                 f"got parallel={parallel}, pack={pack!r}")
   sweep_lock = lock.WorkdirLock(workdir)
   if point_index is None:
     sweep_lock.acquire()  # Array tasks share the sweep's directory; whole sweeps do not.
@@ -75,20 +119,86 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
         _say(point, "finished, skipped")
       else:
         todo.append(point)
-    if parallel > 1:
-      _run_in_processes(todo, workdir, parallel, list(devices))
+    if mode == "processes" and size > 1:
+      _run_in_processes(todo, workdir, size, list(devices))
     else:
-      run_fn = run_fn or functools.partial(_train_and_evaluate, lock_timeout_s=lock_timeout_s)
-      with preemption.StopRequest() as stop:
-        for point in todo:
-          if stop.requested(0):
-            break
-          summary = run_point(point, workdir, run_fn)
-          if summary is not None and summary.status == reporting.PREEMPTED:
-            stop.request("the preempted point")
+      _run_here(todo, workdir, run_fn, lock_timeout_s, population=size if mode == "population"
+                else 1)
     return results.write_results(sweep, workdir)
   finally:
     sweep_lock.release()
+
+
+def _run_here(todo: list[points.Point], workdir: str, run_fn: RunFn | None,
+              lock_timeout_s: float, population: int) -> None:
+  """Runs the points in this process, one run or one population of up to `population` at a
+  time, until all have run or one is preempted."""
+  trainers = None
+  if run_fn is None:
+    from resnet_jax import compilation, trainer  # Late: --list and --report never train.
+    compilation.use_cache(workdir)
+    trainers = trainer.Cache()
+    run_fn = functools.partial(_train_and_evaluate, lock_timeout_s=lock_timeout_s,
+                               trainers=trainers)
+  groups = _populations(todo, population) if population > 1 else [[p] for p in todo]
+  with preemption.StopRequest() as stop:
+    for group in groups:
+      if stop.requested(0):
+        break
+      if len(group) == 1:
+        summaries = [run_point(group[0], workdir, run_fn)]
+      else:
+        summaries = run_population(group, workdir, trainers, lock_timeout_s)
+      if any(s is not None and s.status == reporting.PREEMPTED for s in summaries):
+        stop.request("the preempted point")
+
+
+def _populations(todo: list[points.Point], size: int) -> list[list[points.Point]]:
+  """The points in groups of up to `size` that can train as one population (in sweep order of
+  their first point), the others alone."""
+  from resnet_jax import population  # Late: it imports JAX.
+  groups: dict[str, list[list[points.Point]]] = {}
+  out = []
+  for point in todo:
+    if population.packing_errors([point.config]):
+      out.append([point])
+      continue
+    chunks = groups.setdefault(population.population_key(point.config), [])
+    if not chunks or len(chunks[-1]) == size:
+      chunks.append([])
+      out.append(chunks[-1])
+    chunks[-1].append(point)
+  return out
+
+
+def run_population(group: list[points.Point], workdir: str, trainers,
+                   lock_timeout_s: float = 0.0) -> list[reporting.Summary | None]:
+  """Runs the points as one population (population.train_population); a failure is recorded
+  in each point's summary, not raised. None for points left to another process (a held
+  workdir): then none of the group ran."""
+  from resnet_jax import population  # Late: it imports JAX.
+  names = ", ".join(point.name for point in group)
+  for point in group:
+    _clear_summary(point.run_dir(workdir))
+    os.makedirs(point.run_dir(workdir), exist_ok=True)
+    _say(point, f"running in {point.run_dir(workdir)}, in a population of {len(group)}")
+  try:
+    summaries = population.train_population([p.config for p in group],
+                                            [p.run_dir(workdir) for p in group],
+                                            trainers=trainers, lock_timeout_s=lock_timeout_s)
+  except lock.WorkdirError as e:
+    reporting.warn(f"population {names} skipped: {e}")
+    return [None] * len(group)
+  except Exception as e:  # pylint: disable=broad-except  # One group must not stop the sweep.
+    logging.exception("population %s failed", names)
+    reporting.warn(f"population {names} failed: {reporting.brief(e)}")
+    summaries = [p.summary(workdir) or reporting.Summary.failed(f"{type(e).__name__}: {e}")
+                 for p in group]
+  for point, summary in zip(group, summaries):
+    if point.summary(workdir) is None:
+      summary.write(point.run_dir(workdir))
+    _say(point, summary.status)
+  return summaries
 
 
 def is_finished(summary: reporting.Summary | None, config: ml_collections.ConfigDict) -> bool:
@@ -135,9 +245,10 @@ def _say(point: points.Point, what: str) -> None:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                        lock_timeout_s: float = 0.0) -> reporting.Summary:
+                        lock_timeout_s: float = 0.0, trainers=None) -> reporting.Summary:
   from resnet_jax import train  # Late: --list, --report and a parallel parent never train.
-  return train.train_and_evaluate(config, workdir, lock_timeout_s=lock_timeout_s)
+  return train.train_and_evaluate(config, workdir, lock_timeout_s=lock_timeout_s,
+                                  trainers=trainers)
 
 
 def _clear_summary(point_dir: str) -> None:
@@ -158,6 +269,9 @@ def worker_command(workdir: str, index: int) -> list[str]:
 def _run_in_processes(todo: list[points.Point], workdir: str, parallel: int,
                       devices: list[str]) -> None:
   """Runs the points in up to `parallel` worker processes; SIGTERM/SIGINT is passed on to them."""
+  # Processes sharing one GPU: all of them, or the most that `devices` gives one id.
+  sharing = (max(collections.Counter(devices[s % len(devices)] for s in range(parallel)).values())
+             if devices else parallel)
   slots: queue.SimpleQueue[int] = queue.SimpleQueue()
   for slot in range(parallel):
     slots.put(slot)
@@ -191,6 +305,8 @@ def _run_in_processes(todo: list[points.Point], workdir: str, parallel: int,
     env = dict(os.environ, **{_PARENT_ENV: str(os.getpid())})
     if devices:
       env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
+    if sharing > 1:  # JAX's default, 75% of a GPU's memory each, would not fit them.
+      env.setdefault(_MEM_FRACTION_ENV, f"{0.9 / sharing:.2f}")
     with guard:  # A stop request either comes first, or finds this worker to signal.
       if stop.requested(0):
         return None

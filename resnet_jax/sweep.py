@@ -11,12 +11,20 @@ Commands (`--config` may be left out once the workdir holds the sweep, in sweep.
       finished once it completed its steps or diverged. A point that diverges or raises
       is recorded with its status and message and the sweep goes on. Ends by writing
       results.csv and printing the same table.
-      --parallel=N runs N points at once, each in its own process (its output in the point's
-      sweep_worker.log); --devices=0,1,2,3 gives the k-th concurrent process GPU k % 4 through
+      --pack says how points share the machine (resnet_jax/runner.py):
+        off (default)  one point at a time in this process; points that differ only in the
+                       step's inputs (lr, momentum, weight decay, seed) compile once;
+        processes:N    N points at once, each in its own process (its output in the point's
+                       sweep_worker.log), the same as --parallel=N;
+        population:N   up to N points that differ only in the step's inputs trained as one
+                       vmapped program (resnet_jax/population.py), each with its own records;
+        auto           the platform's measured best (runner.AUTO_PACK).
+      Every mode shares the compilation cache in the sweep's workdir (xla_cache).
+      --devices=0,1,2,3 gives the k-th concurrent process GPU k % 4 through
       CUDA_VISIBLE_DEVICES. On a 2-core CPU --parallel=2 ran 1.3x (depth 56, batch 128) to 2x
-      (depth 20, batch 32) as fast as one point at a time. Processes on one GPU each take 75%
-      of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says less (--devices=0,0,0 shares
-      one GPU three ways).
+      (depth 20, batch 32) as fast as one point at a time. Processes sharing a GPU each take
+      0.9/N of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (--devices=0,0,0
+      shares one GPU three ways).
       SIGTERM or Ctrl-C stops the points in flight (workers are sent SIGTERM) with their last
       step checkpointed and status "preempted", starts no new point, writes the table and exits
       with 75; the same command resumes. A worker whose parent dies gets SIGTERM from the kernel
@@ -59,6 +67,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points at once, one process eac
 _DEVICES = flags.DEFINE_list("devices", [], "GPU ids handed to the parallel processes in turn.")
 _REPORT = flags.DEFINE_bool("report", False, "Rewrite results.csv and print it; run nothing.")
 _PLOT = flags.DEFINE_bool("plot", False, "As --report, and write the figures.")
+_PACK = flags.DEFINE_string(
+    "pack", "off", "How points share the machine: off, processes:N, population:N or auto.")
 _LOCK_TIMEOUT_S = flags.DEFINE_float(
     "lock_timeout_s", 0.0, "Seconds a point waits for its workdir while another process holds it.")
 
@@ -79,7 +89,7 @@ def main(argv: list[str]) -> int:
   else:
     rows = runner.run_sweep(sweep_config, workdir, point_index=point_index,
                             parallel=_PARALLEL.value, devices=_DEVICES.value,
-                            lock_timeout_s=_LOCK_TIMEOUT_S.value)
+                            lock_timeout_s=_LOCK_TIMEOUT_S.value, pack=_PACK.value)
   if point_index is not None:  # A worker or array task: its point's outcome is the code.
     return (cli.EXIT_PREEMPTED if rows[point_index]["status"] == reporting.PREEMPTED
             else cli.EXIT_OK)

@@ -407,3 +407,41 @@ def test_real_tiny_sweep_records_results_diagnostics_and_divergence(prepared_dat
   assert list(diagnostics.block_order(records[0]["grad_norm"])) == ["stem", *blocks, "head"]
   assert sorted(records[0]["activation_rms"]) == sorted(blocks)
   assert all(v > 0 for v in records[0]["grad_norm"].values())
+
+
+TINY_LR_SWEEP = {"batch_size": 16, "eval_batch_size": 32, "num_steps": 2, "log_every": 2,
+                 "checkpoint_every": 0, "progress_bar": False, "model": {"width": 0.25},
+                 "optimizer": {"warmup_steps": 0}}
+
+
+def test_points_differing_only_in_lr_compile_once(prepared_data_dir, tmp_path, capsys):
+  fixed = {**TINY_LR_SWEEP, "dataset": {"data_dir": prepared_data_dir, "eval_split": "test[:64]"}}
+  rows = runner.run_sweep(make_sweep(points.axis("lr", [0.05, 0.1, 0.2]), fixed=fixed),
+                          str(tmp_path), pack="population:2")
+  assert [r["status"] for r in rows] == ["completed"] * 3
+  out = capsys.readouterr().out
+  assert out.count("in a population of 2") == 2 and "point 2 lr=0.2: running in" in out
+  # Off: the second and third points reuse the first one's compiled step.
+  rows = runner.run_sweep(make_sweep(points.axis("lr", [0.05, 0.1, 0.2]), fixed=fixed),
+                          str(tmp_path / "off"), pack="off")
+  assert [r["status"] for r in rows] == ["completed"] * 3
+  compile_s = [reporting.read_metrics(str(tmp_path / "off" / f"lr={lr}"))[0]["compile_s"]
+               for lr in (0.05, 0.1, 0.2)]
+  assert compile_s[0] > 0 and compile_s[1:] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("text, expected", [("off", ("off", 1)), ("processes:3", ("processes", 3)),
+                                            ("population:8", ("population", 8))])
+def test_pack_modes_parse(text, expected):
+  assert runner.parse_pack(text) == expected
+
+
+@pytest.mark.parametrize("text", ["on", "population", "processes:0", "off:2", "population:x"])
+def test_bad_pack_is_refused_naming_the_modes(text, tmp_path):
+  with pytest.raises(ValueError, match=r"pack must be off, processes:N, population:N .* or auto"):
+    runner.run_sweep(make_sweep(points.axis("depth", [20])), str(tmp_path), pack=text)
+  assert os.listdir(tmp_path) == []
+
+
+def test_auto_pack_is_the_platforms_measured_choice():
+  assert runner.parse_pack("auto") == runner.parse_pack(runner.AUTO_PACK["cpu"])
