@@ -118,8 +118,8 @@ class Trainer:
   tx: Any  # The optax.GradientTransformation (optim.create_optimizer).
   mesh: jax.sharding.Mesh
   source: Any  # A batch source (sources.py).
-  # seed int32 [] -> the initial state of that seed, on the mesh (init_state() adds the config's
-  # hyperparameters).
+  # (seed int32 [], {hyperparameter: float32 []}) -> the initial state of that seed with those
+  # optimizer hyperparameters (optim.HYPERPARAMS), on the mesh: init_state() gives the config's.
   init_program: Any
   abstract_state: steps.TrainState  # Its shapes, dtypes and shardings, for restoring.
   # The jitted train programs, by name: "plain" and "diagnostics", one step per call,
@@ -145,11 +145,11 @@ class Trainer:
   def init_state(self) -> steps.TrainState:
     """The initial state of config.seed, with config's learning rate, momentum and weight decay
     in the optimizer state (a trainer shared by points that differ in them: for_config)."""
-    state = self.init_program(np.int32(self.config.seed))
     opt = self.config.optimizer
-    return state.replace(opt_state=optim.set_hyperparams(
-        state.opt_state, learning_rate=optim.peak_learning_rate(opt, self.config.batch_size),
-        momentum=opt.momentum, weight_decay=opt.weight_decay))
+    hyperparams = {"learning_rate": optim.peak_learning_rate(opt, self.config.batch_size),
+                   "momentum": opt.momentum, "weight_decay": opt.weight_decay}
+    return self.init_program(np.int32(self.config.seed),
+                             {k: np.float32(v) for k, v in hyperparams.items()})
 
   def for_config(self, config: ml_collections.ConfigDict) -> Trainer:
     """This trainer, programs and source shared, for a config that differs from its own only in
@@ -320,9 +320,12 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
         source.train_spec)
     stack = jax.jit(lambda *batches: jax.tree.map(lambda *xs: jnp.stack(xs), *batches),
                     out_shardings=jax.tree.map(lambda s: s.sharding, loop_spec))
-  create_state = lambda seed: steps.create_train_state(model, tx, seed=seed,
-                                                      image_shape=info.image_shape)
-  shapes = jax.eval_shape(create_state, np.int32(config.seed))
+  def create_state(seed, hyperparams):
+    state = steps.create_train_state(model, tx, seed=seed, image_shape=info.image_shape)
+    return state.replace(opt_state=optim.set_hyperparams(state.opt_state, **hyperparams))
+
+  shapes = jax.eval_shape(create_state, np.int32(config.seed),
+                          dict.fromkeys(optim.HYPERPARAMS, np.float32(0)))
   loss = functools.partial(training_loss, model=model, **norm)
   instruments = {}
   if config.sharpness_every:

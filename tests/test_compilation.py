@@ -1,0 +1,28 @@
+"""The persistent compilation cache of a workdir: a resumed run loads its programs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.test_faults import REPO, cli_args
+
+
+def test_resumed_run_compiles_nothing_new(prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  cache = os.path.join(workdir, "xla_cache")
+  # Without the test session's shared cache, as a run from the command line.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+
+  def run(num_steps: int) -> list[str]:
+    subprocess.run(cli_args(prepared_data_dir, workdir, num_steps=num_steps,
+                            **{"model.width": 0.25}),
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    return sorted(os.listdir(cache))
+
+  first = run(4)
+  # The train step, the eval step, and the programs of initialisation and checkpoints that
+  # take longer than compilation.MIN_COMPILE_TIME_S.
+  assert len(first) >= 2
+  assert run(8) == first  # Resumed at step 4 with a constant schedule: the same programs.
