@@ -171,12 +171,14 @@ def programs(trainer: trainer_lib.Trainer, size: int) -> dict[str, object]:
   return made
 
 
-def _stack(trees: list):
+def stack(trees: list):
+  """States (or totals) of members stacked on a new leading axis."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _zeros(trainer: trainer_lib.Trainer, size: int, *, count_nonfinite: bool = True) -> dict:
-  return _stack([trainer.zero_totals(count_nonfinite=count_nonfinite)] * size)
+def zeros(trainer: trainer_lib.Trainer, size: int, *, count_nonfinite: bool = True) -> dict:
+  """Zeroed totals of `size` members (Trainer.zero_totals, stacked)."""
+  return stack([trainer.zero_totals(count_nonfinite=count_nonfinite)] * size)
 
 
 def _run(trainer: trainer_lib.Trainer, members: list[_Member],
@@ -234,8 +236,8 @@ def _loop(trainer: trainer_lib.Trainer, members: list[_Member], num_train: int,
   each member's written to its own records."""
   config, first_step, size = members[0].config, members[0].start.step, len(members)
   made = programs(trainer, size)
-  state = _stack([m.start.state for m in members])
-  totals, active = _zeros(trainer, size), np.ones(size, bool)
+  state = stack([m.start.state for m in members])
+  totals, active = zeros(trainer, size), np.ones(size, bool)
   on_device = lambda mask: parallel.put_replicated(mask, trainer.mesh)
   active_arg = on_device(active)
   counts = {}
@@ -290,10 +292,10 @@ def _loop(trainer: trainer_lib.Trainer, members: list[_Member], num_train: int,
         if mark_step == first_step:
           event["compile_s"] = round(compile_s, 3)
         m.reporter.write(event)
-      totals = _zeros(trainer, size)
+      totals = zeros(trainer, size)
       mark_step = step
     if eval_now:
-      sums = _zeros(trainer, size, count_nonfinite=False)
+      sums = zeros(trainer, size, count_nonfinite=False)
       for inputs in trainer.source.eval_inputs():
         sums = made["eval"](state, sums, inputs)
       sums = parallel.to_host(sums)

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoints, population, reporting, train
+from resnet_jax import checkpoints, data, parallel, population, reporting, train
 from resnet_jax import config as config_lib
+from resnet_jax import trainer as trainer_lib
 from tests.test_train import tiny_config
 
 NUM_STEPS = 4
@@ -113,3 +114,27 @@ def test_configs_that_need_other_programs_are_refused_with_the_reason(prepared_d
   with pytest.raises(config_lib.ConfigError, match="differ in more than seed, optimizer.lr"):
     population.train_population(configs, [str(tmp_path / "a"), str(tmp_path / "b")])
   assert not (tmp_path / "a").exists()
+
+
+def test_population_runs_k_steps_per_call_bitwise_as_k_calls(prepared_data_dir):
+  configs = _configs(prepared_data_dir)[:2]
+  for config in configs:
+    config.steps_per_call = 3
+  configs = [train.prepare(c)[0] for c in configs]
+  trainer = trainer_lib.build(configs[0], data.dataset_info(configs[0].dataset),
+                              parallel.make_mesh())
+  made = population.programs(trainer, 2)
+  active = parallel.put_replicated(np.array([True, False]), trainer.mesh)
+  results = []
+  for counts in ([3], [1, 1, 1]):
+    state = population.stack([trainer.for_config(c).init_state() for c in configs])
+    before = jax.device_get(state.params)
+    totals = population.zeros(trainer, 2)
+    for count in counts:
+      state, totals = made["train"](state, totals, trainer.source.train_inputs(), active,
+                                    parallel.put_replicated(np.int32(count), trainer.mesh))
+    results.append(jax.device_get((state, totals)))
+  jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
+  state, totals = results[0]
+  assert list(state.step) == [3, 0] and list(totals["count"]) == [3 * 16, 0]  # 2nd is frozen.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]), state.params, before)
