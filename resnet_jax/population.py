@@ -176,6 +176,11 @@ def stack(trees: list):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def member(tree, index: int):
+  """Member `index`'s slice of a stacked state or totals."""
+  return jax.tree.map(lambda x: x[index], tree)
+
+
 def zeros(trainer: trainer_lib.Trainer, size: int, *, count_nonfinite: bool = True) -> dict:
   """Zeroed totals of `size` members (Trainer.zero_totals, stacked)."""
   return stack([trainer.zero_totals(count_nonfinite=count_nonfinite)] * size)
@@ -258,37 +263,28 @@ def _loop(trainer: trainer_lib.Trainer, members: list[_Member], num_train: int,
     for m, on in zip(members, active):
       if on:
         m.record["step"] = step
-    last = step == config.num_steps
-    stop_now = not last and stop.requested(step)
-    log_now = step % config.log_every == 0 or last or stop_now
-    ckpt_now = (last or stop_now
-                or bool(config.checkpoint_every) and step % config.checkpoint_every == 0)
-    eval_now = last or bool(config.eval_every) and step % config.eval_every == 0 and not stop_now
+    stop_now = step < config.num_steps and stop.requested(step)
+    log_now, ckpt_now, eval_now = train.work_due(config, step, stop_now)
     if not (log_now or ckpt_now or eval_now):
       continue
     t = parallel.to_host(totals)
     lrs = parallel.to_host(optim.current_learning_rate(state.opt_state))
     for i, m in enumerate(members):
       if active[i] and t["nonfinite"][i]:
-        m.record.update(status=reporting.DIVERGED, message=(
-            f"loss became NaN/Inf at or before step {step} (lr={float(lrs[i]):.4g}); stopped. "
-            "Lower config.optimizer.lr, add warmup or set config.optimizer.grad_clip_norm."))
+        m.record.update(status=reporting.DIVERGED,
+                        message=train.diverged_message(step, float(lrs[i])))
         active[i] = False
     active_arg = on_device(active)
     if not active.any():
       return
-    epoch = round(step * config.batch_size / num_train, 4)
+    epoch = train.epoch_of(config, num_train, step)
     if log_now:
-      seconds = time.time() - mark_time
+      img_per_s = (step - mark_step) * config.batch_size / (time.time() - mark_time)
       for i in np.flatnonzero(active):
         m = members[i]
-        m.record.update(train_loss=float(t["loss"][i] / t["count"][i]),
-                        train_error=float(t["errors"][i] / t["count"][i]))
-        event = {"event": reporting.TRAIN, "step": step, "epoch": epoch,
-                 "loss": m.record["train_loss"], "train_error": m.record["train_error"],
-                 "lr": float(lrs[i]),
-                 "img_per_s": round((step - mark_step) * config.batch_size / seconds, 1),
-                 "wall_time_s": round(m.reporter.wall_time(), 3)}
+        event = train.train_event(config, num_train, step, member(t, i), lr=float(lrs[i]),
+                                  img_per_s=img_per_s, wall_time_s=m.reporter.wall_time())
+        m.record.update(train_loss=event["loss"], train_error=event["train_error"])
         if mark_step == first_step:
           event["compile_s"] = round(compile_s, 3)
         m.reporter.write(event)
@@ -301,21 +297,18 @@ def _loop(trainer: trainer_lib.Trainer, members: list[_Member], num_train: int,
       sums = parallel.to_host(sums)
       for i in np.flatnonzero(active):
         m = members[i]
-        event = train.eval_event(jax.tree.map(lambda x, i=i: x[i], sums), step, epoch,
-                                 m.reporter.wall_time())
+        event = train.eval_event(member(sums, i), step, epoch, m.reporter.wall_time())
         m.best = min(m.best, event["test_error"])
         m.record.update(test_error=event["test_error"], best_test_error=m.best)
         m.reporter.write(event)
     if ckpt_now:
       for i in np.flatnonzero(active):
         m = members[i]
-        m.saver.save(step, jax.tree.map(lambda x, i=i: x[i], state), m.config,
-                     wall_time_s=m.reporter.wall_time())
+        m.saver.save(step, member(state, i), m.config, wall_time_s=m.reporter.wall_time())
     if stop_now:
       for i in np.flatnonzero(active):
-        members[i].record.update(status=reporting.PREEMPTED, message=(
-            f"stopped by {stop.signal_name} after step {step}, checkpointed; run the same "
-            "command again to resume"))
+        members[i].record.update(status=reporting.PREEMPTED,
+                                 message=train.preempted_message(stop, step))
       return
     mark_time = time.time()
 

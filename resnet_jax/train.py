@@ -198,7 +198,7 @@ def finished_summary(config, workdir: str, start: checkpoints.Restored, num_para
   train = [e for e in events if e["event"] == reporting.TRAIN and e["step"] == step]
   evals = [e for e in events if e["event"] == reporting.EVAL and e["step"] == step]
   if not evals:
-    event = eval_event(evaluate(), step, _epoch(config, num_train, step), start.wall_time_s)
+    event = eval_event(evaluate(), step, epoch_of(config, num_train, step), start.wall_time_s)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, reporting.METRICS_FILE), "a") as f:
         f.write(json.dumps(event) + "\n")
@@ -216,7 +216,7 @@ def finished_summary(config, workdir: str, start: checkpoints.Restored, num_para
   return summary
 
 
-def _epoch(config, num_train: int, step: int) -> float:
+def epoch_of(config, num_train: int, step: int) -> float:
   return round(step * config.batch_size / num_train, 4)
 
 
@@ -265,33 +265,25 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
 
     last = step == config.num_steps
     stop_now = not last and stop.requested(step)  # Every process asks at every step.
-    log_now = step % config.log_every == 0 or last or stop_now
-    ckpt_now = (last or stop_now
-                or bool(config.checkpoint_every) and step % config.checkpoint_every == 0)
-    eval_now = last or bool(config.eval_every) and step % config.eval_every == 0 and not stop_now
+    log_now, ckpt_now, eval_now = work_due(config, step, stop_now)
     if not (log_now or ckpt_now or eval_now):
       continue
     t = parallel.to_host(totals)  # The only host sync between log points.
     if t["nonfinite"]:
-      out.update(status=reporting.DIVERGED, message=(
-          f"loss became NaN/Inf at or before step {step} (lr={_lr(state):.4g}); stopped. "
-          "Lower config.optimizer.lr, add warmup or set config.optimizer.grad_clip_norm."))
+      out.update(status=reporting.DIVERGED, message=diverged_message(step, _lr(state)))
       return
     if log_now:
-      seconds = time.time() - mark_time
-      out.update(train_loss=float(t["loss"] / t["count"]),
-                 train_error=float(t["errors"] / t["count"]))
-      event = {"event": reporting.TRAIN, "step": step, "epoch": _epoch(config, num_train, step),
-               "loss": out["train_loss"], "train_error": out["train_error"], "lr": _lr(state),
-               "img_per_s": round((step - mark_step) * config.batch_size / seconds, 1),
-               "wall_time_s": round(reporter.wall_time(), 3)}
+      event = train_event(config, num_train, step, t, lr=_lr(state),
+                          img_per_s=(step - mark_step) * config.batch_size
+                          / (time.time() - mark_time), wall_time_s=reporter.wall_time())
+      out.update(train_loss=event["loss"], train_error=event["train_error"])
       if mark_step == first_step:
         event["compile_s"] = round(compile_s, 3)
       reporter.write(event)
       totals = trainer.zero_totals()
       mark_step = step
     if eval_now:
-      event = eval_event(trainer.evaluate(state), step, _epoch(config, num_train, step),
+      event = eval_event(trainer.evaluate(state), step, epoch_of(config, num_train, step),
                           reporter.wall_time())
       best = min(best, event["test_error"])
       out.update(test_error=event["test_error"], best_test_error=best)
@@ -300,14 +292,42 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
       saver.save(step, state, config, wall_time_s=reporter.wall_time(),
                  extra_items=trainer.save_items())
     if stop_now:
-      out.update(status=reporting.PREEMPTED, message=(
-          f"stopped by {stop.signal_name} after step {step}, checkpointed; run the same "
-          "command again to resume"))
+      out.update(status=reporting.PREEMPTED, message=preempted_message(stop, step))
       return
     mark_time = time.time()  # Throughput counts training time only.
 
   out.update(status=reporting.COMPLETED, message="finished",
              best_test_error=best if np.isfinite(best) else float("nan"))
+
+
+def work_due(config, step: int, stop_now: bool) -> tuple[bool, bool, bool]:
+  """(log, checkpoint, evaluate) after `step`: at their intervals, at the last step, and a log
+  and checkpoint (no evaluation) when the run is asked to stop there."""
+  last = step == config.num_steps
+  log_now = step % config.log_every == 0 or last or stop_now
+  ckpt_now = (last or stop_now
+              or bool(config.checkpoint_every) and step % config.checkpoint_every == 0)
+  eval_now = last or bool(config.eval_every) and step % config.eval_every == 0 and not stop_now
+  return log_now, ckpt_now, eval_now
+
+
+def train_event(config, num_train: int, step: int, totals: dict, *, lr: float,
+                img_per_s: float, wall_time_s: float) -> dict:
+  """The metrics.jsonl event of a log window's host totals."""
+  return {"event": reporting.TRAIN, "step": step, "epoch": epoch_of(config, num_train, step),
+          "loss": float(totals["loss"] / totals["count"]),
+          "train_error": float(totals["errors"] / totals["count"]), "lr": lr,
+          "img_per_s": round(img_per_s, 1), "wall_time_s": round(wall_time_s, 3)}
+
+
+def diverged_message(step: int, lr: float) -> str:
+  return (f"loss became NaN/Inf at or before step {step} (lr={lr:.4g}); stopped. Lower "
+          "config.optimizer.lr, add warmup or set config.optimizer.grad_clip_norm.")
+
+
+def preempted_message(stop: preemption.StopRequest, step: int) -> str:
+  return (f"stopped by {stop.signal_name} after step {step}, checkpointed; run the same "
+          "command again to resume")
 
 
 def call_length(config, steps_per_call: int, step: int, first_step: int) -> int:
@@ -338,7 +358,7 @@ def _record_instruments(config, trainer: trainer_lib.Trainer, state: steps.Train
   jax.block_until_ready(state)  # The steps still in flight count as training.
   start = time.time()
   lr = _lr(state)
-  common = {"step": step, "epoch": _epoch(config, num_train, step), "lr": lr}
+  common = {"step": step, "epoch": epoch_of(config, num_train, step), "lr": lr}
   if sharpness_now:
     eigenvalues = [float(v) for v in trainer.sharpness(state)]
     opt = config.optimizer
