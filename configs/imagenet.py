@@ -29,8 +29,8 @@ def get_config(arg=None):
   config.model.name = "resnet50"
   config.model.variant = "v1.5"
   # One-pass BN variance: +9% img/s for ResNet-50 on an H100; normalised photographs have no
-  # channel whose mean dwarfs its spread, where one pass would cancel (see models.ResNet).
-  config.model.bn_fast_variance = True
+  # channel whose mean dwarfs its spread, where one pass would cancel (see models.batch_norm).
+  config.model.bn_variance = "one_pass"
   config.batch_size = 256 * devices
   config.eval_batch_size = 50 * devices
   config.num_epochs = 90

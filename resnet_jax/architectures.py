@@ -39,6 +39,12 @@ SHORTCUTS = ("A", "B")
 # pre-activation.
 VARIANTS = ("v1", "v1.5", "v2")
 DTYPES = ("float32", "bfloat16")
+# How BatchNorm takes a batch's variance (models.batch_norm): "two_pass" mean((x - mean)^2),
+# "one_pass" E[x^2] - E[x]^2, "shifted" one pass around a per-channel shift.
+BN_VARIANCES = ("two_pass", "one_pass", "shifted")
+# How convolutions are computed (models.CONVOLUTIONS): "xla" lax.conv_general_dilated, "im2col"
+# windows gathered by slices, then one matrix product (batched, not grouped, under vmap).
+CONVS = ("xla", "im2col")
 
 
 def _name_error(name: str, prefix: str) -> str | None:
@@ -91,7 +97,7 @@ def _width_error(family: str, width: float, prefix: str) -> str | None:
 
 def model_errors(*, name: str, skip: bool, shortcut: str, variant: str,
                  zero_init_residual: bool, bn_momentum: float, bn_epsilon: float,
-                 bn_fast_variance: bool, dtype: str, width: float,
+                 bn_variance: str, conv: str, dtype: str, width: float,
                  prefix: str = "") -> list[str]:
   """Everything wrong with a model's options (`config.model`'s fields); [] if it can be built.
 
@@ -102,7 +108,6 @@ def model_errors(*, name: str, skip: bool, shortcut: str, variant: str,
   Returns:
     One line per problem, saying what is allowed.
   """
-  del bn_fast_variance  # Either choice builds.
   errors = []
   name_error = _name_error(name, prefix)
   if name_error:
@@ -112,6 +117,7 @@ def model_errors(*, name: str, skip: bool, shortcut: str, variant: str,
     if width_error:
       errors.append(width_error)
   for field, value, allowed in (("shortcut", shortcut, SHORTCUTS), ("variant", variant, VARIANTS),
+                                ("bn_variance", bn_variance, BN_VARIANCES), ("conv", conv, CONVS),
                                 ("dtype", dtype, DTYPES)):
     if value not in allowed:
       errors.append(f"{prefix}{field} must be one of {', '.join(allowed)}; got {value!r}")

@@ -224,9 +224,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def config_mismatches(stored: dict, current: ml_collections.ConfigDict) -> list[str]:
   """Lines `field: checkpoint X, config Y` for every non-resumable field that differs.
 
-  A field the checkpoint's config lacks (added to resnet_jax since) counts as its default.
+  A field the checkpoint's config lacks (added to resnet_jax since) counts as its default; one
+  since replaced counts as its replacement (config.upgrade_recorded).
   """
-  old = {**_flatten(config_lib.default_config().to_dict()), **_flatten(stored)}
+  old = {**_flatten(config_lib.default_config().to_dict()),
+         **_flatten(config_lib.upgrade_recorded(stored))}
   new = _flatten(current.to_dict())
   lines = []
   for field in sorted(set(old) | set(new)):

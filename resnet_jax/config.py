@@ -71,7 +71,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.zero_init_residual = False
   c.model.bn_momentum = 0.9
   c.model.bn_epsilon = 1e-5
-  c.model.bn_fast_variance = False  # True: one-pass BN variance (faster; see models.ResNet).
+  # BN batch variance: "two_pass", "one_pass" (faster, cancels where a channel's mean dwarfs its
+  # spread) or "shifted" (one pass, exact); see models.batch_norm.
+  c.model.bn_variance = "two_pass"
+  c.model.conv = "xla"  # "xla" or "im2col" (a matrix product: fast under vmap; models.im2col_conv).
   c.model.dtype = "float32"  # Computation dtype; parameters stay float32.
   c.model.width = 1.0  # Multiplier on every stage's filters: 0.5 -> CIFAR stages of 8/16/32.
 
@@ -126,6 +129,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.noise_scale_parts = 4  # The global batch's gradient is compared with those of this many parts.
   c.progress_bar = True  # Only drawn when stdout is a terminal.
   return c
+
+
+def upgrade_recorded(recorded: dict) -> dict:
+  """A config that an older resnet_jax recorded (a checkpoint's, a run's config.json), in today's
+  fields: a field since replaced becomes its replacement; the others are left as they are.
+
+  model.bn_fast_variance (a bool until model.bn_variance replaced it) becomes bn_variance
+  "one_pass" (True) or "two_pass" (False). Fields added since stay absent: callers count them as
+  their defaults.
+  """
+  model = recorded.get("model")
+  if not isinstance(model, Mapping) or "bn_fast_variance" not in model:
+    return recorded
+  model = dict(model)
+  model["bn_variance"] = "one_pass" if model.pop("bn_fast_variance") else "two_pass"
+  return {**recorded, "model": model}
 
 
 def split_arg(arg: str | None) -> dict[str, str]:

@@ -231,7 +231,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
                             f"{reporting.CONFIG_FILE} (python -m resnet_jax.main writes one)")
   config = config_lib.default_config()
   with open(path) as f:
-    config.update(json.load(f))
+    config.update(config_lib.upgrade_recorded(json.load(f)))  # Renamed fields, today's names.
   return config
 
 

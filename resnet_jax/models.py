@@ -38,6 +38,11 @@ mutable). Projection layers are `shortcut_conv` and `shortcut_bn` inside their b
 BatchNorm takes no `axis_name`: the train step is one `jax.jit` over a device mesh with the batch
 sharded on its `data` axis, so XLA (GSPMD) computes each mean and variance over the global batch
 and inserts the cross-device reductions itself. `axis_name` is only for `pmap`/`shard_map`.
+
+Two options change how the same network is computed, never its variables: `bn_variance`, how
+BatchNorm takes a batch's variance (`batch_norm`), and `conv`, XLA's convolution or a matrix
+product of gathered windows (`im2col_conv`), which stays a plain matrix product under `jax.vmap`
+over a population of models.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.linen import normalization as flax_normalization
+from jax import lax
 
 from resnet_jax import architectures
 from resnet_jax import config as config_lib
@@ -111,6 +118,138 @@ def sow_activation_rms(block: nn.Module, y) -> None:
   """Records the RMS of a block's output, computing it only when diagnostics collect it."""
   if block.is_mutable_collection("intermediates"):
     block.sow("intermediates", "activation_rms", root_mean_square(y))
+
+
+def im2col_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None):
+  """lax.conv_general_dilated as nn.Conv calls it, computed as one matrix product (im2col).
+
+  lhs: [N, H, W, C], rhs: [kh, kw, C, O] -> [N, H', W', O], H' = (H + pads - kh) // stride + 1.
+  Each kernel offset (i, j) sees a strided slice of the zero-padded input; concatenated in (i, j)
+  order along the channels, the slices are the patches [N, H', W', kh * kw * C], whose feature
+  (i * kw + j) * C + c is where the row-major rhs.reshape(kh * kw * C, O) keeps rhs[i, j, c].
+  One dot_general contracts them.
+
+  Why: under jax.vmap over stacked kernels (a population of models, each its own input), XLA's
+  convolution becomes a grouped convolution, slow on CPU and, in its backward, on GPU
+  (jax-ml/jax#13800); slices have no weights, and the product becomes a batched matrix product.
+  Not lax.conv_general_dilated_patches: it gathers the windows with a grouped convolution of its
+  own (a one-hot kernel per channel). One 3x3 conv 16 -> 16 on [128, 32, 32, 16], forward and
+  backward, on the 2-core AMD EPYC CPU (load ~1): XLA's conv 331 ms, conv_general_dilated_patches
+  + dot 1660 ms, slices + dot 213 ms; vmapped over 4 such: 2622, 11188 and 933 ms. A ResNet-20
+  train step vmapped over 4 models ran at 2.8x XLA's rate (experiments/population_conv.py). The
+  costs: memory, as the patches are kh * kw times the input and the backward keeps them, and
+  compilation (a ResNet-20 train step took 2.5-4x as long to compile).
+
+  Takes what the models pass: flax's NHWC/HWIO dimension numbers, no dilation, one group.
+  """
+  expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  dilations = (*(lhs_dilation or ()), *(rhs_dilation or ()))
+  if (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != expected
+      or feature_group_count != 1 or any(d != 1 for d in dilations)):
+    raise NotImplementedError("im2col_conv takes NHWC inputs, HWIO kernels, no dilation and one "
+                              f"group; got {dimension_numbers}, dilations {dilations}, "
+                              f"{feature_group_count} groups")
+  kh, kw, channels, features = rhs.shape
+  if isinstance(padding, str):  # "SAME" or "VALID".
+    padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  sh, sw = window_strides
+  out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  windows = [lax.slice(x, (0, i, j, 0),
+                       (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
+                       (1, sh, sw, 1))
+             for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(windows, axis=-1)
+  return lax.dot_general(patches, rhs.reshape(kh * kw * channels, features),
+                         (((3,), (0,)), ((), ())), precision=precision)
+
+
+# config.model.conv -> the function nn.Conv convolves with (its `conv_general_dilated`).
+CONVOLUTIONS = {"xla": lax.conv_general_dilated, "im2col": im2col_conv}
+
+
+class ShiftedBatchNorm(nn.BatchNorm):
+  """nn.BatchNorm whose batch statistics are summed in one pass, around a per-channel shift.
+
+  With c a per-channel constant (no gradient flows into it) and d = x - c,
+    mean = c + E[d],  var = E[d^2] - E[d]^2,
+  identities for every c, so values and gradients are the two-pass form's. Both sums read x once,
+  as the plain one-pass E[x^2] - E[x]^2 does; but over N terms, rounding them errs by up to about
+  N eps (var + 2 (mean - c)^2) instead of N eps (var + 2 mean^2): with c near the mean there is
+  no cancellation left. (Nor is there the two-pass form's own error where the spread nears
+  float32's resolution of the mean: its rounded mean m adds (mean - m)^2 to E[(x - m)^2], which
+  the shifted form subtracts.)
+
+  c is the mean of the batch's first example (over its positions: 1/B of a pass). Of the B
+  examples' means, whose average is the batch mean, none lies further than sqrt(B * var) from
+  it (their squared deviations sum to at most B * var), so (mean - c)^2 <= B * var for every
+  batch, at every step, the first included; on a typical batch it is about var. The running mean
+  would cost nothing to read, but it starts at 0 and lags the batch mean by its momentum, so it
+  cancels exactly where one pass does (at step 0) and after every fast change.
+  Under the sharded train step example 0 lives on one device, so the shift is one more
+  all-reduce of C floats per layer, before the sums': two in a row, as the two-pass form has
+  (one pass has one).
+
+  Speed, on the 2-core AMD EPYC CPU (shared, load ~4): one BN's forward and backward on
+  [128, 32, 32, 16] took 8.4 ms two-pass, 5.6 ms one-pass and 7.2 ms shifted (medians of 15;
+  XLA's CPU reductions cannot fuse x - c, so it is written out once); a ResNet-20 train step at
+  batch 128 ran at 52, 53 and 50 img/s, within the repeats' spread (41-86). Not yet measured on
+  a GPU, where plain one pass gained 7-9% (README).
+
+  Variables, their names, shapes and dtypes, momentum, epsilon and the output dtype are
+  nn.BatchNorm's: the statistics and the normalisation are flax's own helpers
+  (`_compute_stats`, `_normalize`, as of flax 0.12), only the shift is added. No `axis_name`
+  and no `mask` (the models use neither).
+  """
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    """x: [B, ..., C] -> normalised x, same shape; statistics over every axis but the last."""
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                         use_running_average)
+    if self.axis_name is not None:
+      raise NotImplementedError("ShiftedBatchNorm takes no axis_name: each device would shift by "
+                                "its own first example")
+    feature_axes = flax_normalization._canonicalize_axes(x.ndim, self.axis)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    feature_shape = [x.shape[ax] for ax in feature_axes]
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype),
+                            feature_shape)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype),
+                           feature_shape)
+    if use_running_average:
+      mean, var = (jnp.asarray(v.value, stats_dtype) for v in (ra_mean, ra_var))
+    else:
+      stats = functools.partial(flax_normalization._compute_stats, axes=reduction_axes,
+                                dtype=self.dtype, use_fast_variance=True,
+                                force_float32_reductions=self.force_float32_reductions)
+      shift = lax.stop_gradient(stats(x[:1])[0])
+      offset, var = stats(x - jnp.expand_dims(shift, reduction_axes))
+      mean = shift + offset
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return flax_normalization._normalize(
+        self, x, mean, var, reduction_axes, feature_axes, self.dtype, self.param_dtype,
+        self.epsilon, self.use_bias, self.use_scale, self.bias_init, self.scale_init,
+        self.force_float32_reductions)
+
+
+def batch_norm(variance: str, **kwargs) -> ModuleDef:
+  """The BatchNorm that takes a batch's variance as `variance` says, partially applied to
+  nn.BatchNorm's `kwargs`; all three have nn.BatchNorm's variables.
+
+  "two_pass" (the default): mean((x - mean)^2). The one pass, E[x^2] - E[x]^2 ("one_pass"),
+  cancels badly on channels whose mean dwarfs their spread (the flat background of
+  Fashion-MNIST), and then the summation order -- hence the device count -- changes the
+  gradients by up to 1e-3. One pass reads each activation once less: "one_pass" trades that for
+  speed, "shifted" (ShiftedBatchNorm) keeps the speed without the cancellation.
+  """
+  if variance == "shifted":
+    return functools.partial(ShiftedBatchNorm, **kwargs)
+  return functools.partial(nn.BatchNorm, use_fast_variance=variance == "one_pass", **kwargs)
 
 
 class _Block(nn.Module):
@@ -228,7 +367,10 @@ class ResNet(nn.Module):
     bn_momentum: decay of BatchNorm's running averages (Flax's convention: torchvision's 0.1 is
       0.9 here).
     bn_epsilon: added to BatchNorm variances.
-    bn_fast_variance: BatchNorm variance in one pass, E[x^2] - E[x]^2, instead of two.
+    bn_variance: how BatchNorm takes a batch's variance: "two_pass", "one_pass" or "shifted"
+      (see batch_norm).
+    conv: how convolutions are computed: "xla" (lax.conv_general_dilated) or "im2col" (see
+      im2col_conv).
     dtype: computation dtype (a jnp dtype); parameters are float32.
     width: multiplier on the stem's and every stage's filters.
   """
@@ -243,22 +385,18 @@ class ResNet(nn.Module):
   zero_init_residual: bool
   bn_momentum: float
   bn_epsilon: float
-  bn_fast_variance: bool
+  bn_variance: str
+  conv: str
   dtype: Any
   width: float
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                             kernel_init=he_normal_fan_out)
-    # Two-pass variance by default, mean((x - mean)^2): the one-pass E[x^2] - E[x]^2 cancels
-    # badly on channels whose mean dwarfs their spread (the flat background of Fashion-MNIST),
-    # and then the summation order -- hence the device count -- changes the gradients by up to
-    # 1e-3. One pass reads each activation once less: bn_fast_variance trades that for speed.
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             use_fast_variance=self.bn_fast_variance, dtype=self.dtype,
-                             param_dtype=jnp.float32)
+                             kernel_init=he_normal_fan_out,
+                             conv_general_dilated=CONVOLUTIONS[self.conv])
+    norm = batch_norm(self.bn_variance, use_running_average=not train, momentum=self.bn_momentum,
+                      epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32)
     block_cls = PreActBlock if self.preact else PostActBlock
     x = self.stem(features=round(self.stage_filters[0] * self.width), conv=conv, norm=norm,
                   normalize=not self.preact, name="stem")(x)
@@ -292,7 +430,7 @@ def get_model(name: str, *, num_classes: int, **options) -> ResNet:
       ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
     num_classes: outputs of the dense head.
     **options: `config.model`'s other fields, documented in config.default_config (skip,
-      shortcut, variant, zero_init_residual, bn_momentum, bn_epsilon, bn_fast_variance, dtype,
+      shortcut, variant, zero_init_residual, bn_momentum, bn_epsilon, bn_variance, conv, dtype,
       width); those left out take default_config()'s values. `dtype` may be a name or a jnp
       dtype. `variant` picks the ImageNet layout; the others become ResNet's fields, but
       ImageNet nets always project their shortcuts ("B").

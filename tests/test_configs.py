@@ -50,7 +50,7 @@ def test_cifar10_resnet110_warms_up_at_a_tenth_of_the_rate_for_400_steps():
 def test_imagenet_config_scales_batch_and_epochs_with_the_devices():
   config = load_config("configs/imagenet.py", "devices=4,schedule=step,depth=101")
   assert config.batch_size == 1024 and config.optimizer.base_batch_size == 256
-  assert config.model.name == "resnet101" and config.model.bn_fast_variance
+  assert config.model.name == "resnet101" and config.model.bn_variance == "one_pass"
   assert (config.num_epochs, config.optimizer.warmup_epochs) == (90, 5)
   assert tuple(config.optimizer.boundaries) == (30, 60, 80)
   assert config.optimizer.boundaries_unit == "epochs"
