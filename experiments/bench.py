@@ -4,15 +4,23 @@ the same network in PyTorch beside it when PyTorch is installed.
   python experiments/bench.py --model=resnet20 --batch_size=128 --dtype=float32 --steps=10 \
       --warmup=2 --repeats=2 --json_out=/tmp/bench.jsonl
 
-`--model` and `--batch_size` take comma lists (`--model=resnet20,resnet56 --batch_size=64,128`)
-for a table. Each measurement runs in its own process (this script, started again with a hidden
-`--worker` flag): JAX preallocates 75% of a GPU's memory, and a process's peak memory is a
-lifetime maximum, so sharing one would spoil both frameworks' figures.
+`--model`, `--batch_size` and `--steps_per_call` take comma lists (`--model=resnet20,resnet56
+--batch_size=64,128`) for a table. Each measurement runs in its own process (this script, started
+again with a hidden `--worker` flag): JAX preallocates 75% of a GPU's memory, and a process's
+peak memory is a lifetime maximum, so sharing one would spoil both frameworks' figures.
+
+The JAX side's knobs, each recorded in its JSON line: `--steps_per_call` (config.steps_per_call,
+0 = the platform's: 1 on CPU, 20 on GPU), `--model_args=key=value,...` (any config.model field,
+typed by its default: `--model_args=bn_variance=one_pass`), `--xla_flags` (added to the JAX
+workers' XLA_FLAGS) and `--compilation_cache_dir` (their persistent compilation cache; the line
+says whether the train program came from it). experiments/step_speed.py runs the sets that
+issue #10 asks for; experiments/profile_step.py traces the same setup.
 
 What is measured, for both frameworks: SGD with Nesterov momentum 0.9 and weight decay 1e-4 on
 conv and dense kernels only, on a fixed synthetic uint8 batch already on the device (input is not
 measured), normalised inside the step. After `--warmup` steps, `--repeats` timings of `--steps`
-steps each, blocked on the result; img/s and ms/step are from the median. JAX's "compile s" is
+steps each (JAX: in calls of up to steps_per_call steps), blocked on the result; img/s and
+ms/step are from the median. JAX's "compile s" is `Trainer.compile`, the train program's
 `jit(...).lower(...).compile()`; PyTorch's is the first step, which holds torch.compile's
 compilation when `--torch_compile` is on. Peak memory is the device's peak bytes in use on GPU
 and the process's peak resident set size (RSS) on CPU, which includes the framework's own
@@ -28,6 +36,14 @@ batch 128, 32x32x3, float32, 2 warm-up steps, 10 steps x 3 repeats, jax 0.10.2 C
 
 XLA's CPU convolutions are the gap; on a loaded machine the ratio swings widely (a run at load
 average 5 gave jax 88, torch 39 img/s), so compare only figures taken together.
+
+Issue #10's multi-step calls leave the CPU step as it was: at steps_per_call=1 (the CPU default)
+the compiled train program of ResNet-20 b128 float32 is the one commit 479c996 (before the
+issue) compiled, character for character but for source line numbers. Timed side by side on
+the same 2-core AMD EPYC, shared with other jobs (load average 1.0-4.4 at the starts; PyTorch is
+not installed there), 5 pairs alternating which went first, same flags as above: 479c996 65.5,
+66.8, 55.1, 51.6, 57.1 img/s (median 57.1); this tree 63.3, 59.6, 49.2, 60.5, 51.1 (median 59.6):
+no difference beyond the load's noise (experiments/results/step_speed_cpu.jsonl).
 """
 
 from __future__ import annotations
@@ -68,7 +84,9 @@ class BenchSpec:
   image_shape: tuple[int, int, int] = (32, 32, 3)
   num_classes: int = 10
   skip: bool = True
-  bn_fast_variance: bool = False
+  # More config.model fields (parse_model_args), e.g. {"bn_variance": "one_pass"}.
+  model_args: dict = dataclasses.field(default_factory=dict)
+  steps_per_call: int = 0  # config.steps_per_call: 0 = the platform's (trainer.py).
   steps: int = 20
   warmup: int = 3
   repeats: int = 3
@@ -84,7 +102,8 @@ def bench_config(spec: BenchSpec):
   config.model.name = spec.model
   config.model.skip = spec.skip
   config.model.dtype = spec.dtype
-  config.model.bn_fast_variance = spec.bn_fast_variance
+  config.model.update(spec.model_args)
+  config.steps_per_call = spec.steps_per_call
   config.optimizer.nesterov = True
   config.optimizer.schedule = "constant"  # The schedule's shape does not change the step's cost.
   config.batch_size = spec.batch_size
@@ -102,6 +121,16 @@ def validate_spec(spec: BenchSpec, num_devices: int = 1) -> None:
     errors.append(f"warmup must be >= 0; got {spec.warmup}")
   if errors:
     raise ValueError("invalid benchmark:\n  " + "\n  ".join(errors))
+
+
+def parse_model_args(text: str) -> dict:
+  """`key=value,...` as config.model fields, each value typed by its field's default:
+  `bn_variance=one_pass,bn_momentum=0.99` -> {"bn_variance": "one_pass", "bn_momentum": 0.99}.
+  name, skip and dtype have flags of their own. Raises ConfigError naming the allowed keys."""
+  fields = config_lib.default_config().model
+  types = {key: type(value) for key, value in fields.items()
+           if key not in ("name", "skip", "dtype")}
+  return config_lib.parse_args(text, types)
 
 
 def median_seconds_per_step(run_steps: Callable[[int], None], spec: BenchSpec) -> float:
@@ -124,37 +153,44 @@ def process_peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def result_row(spec: BenchSpec, *, framework: str, device: str, seconds_per_step: float,
-               compile_s: float, peak_memory_bytes: int, memory_kind: str,
-               num_params: int) -> dict:
-  """One line of the table and of `--json_out`."""
+def result_row(spec: BenchSpec, *, framework: str, framework_version: str, device: str,
+               seconds_per_step: float, compile_s: float, peak_memory_bytes: int,
+               memory_kind: str, num_params: int, **knobs) -> dict:
+  """One line of the table and of `--json_out`; `knobs` are the framework's own settings."""
   return {"device": device, "model": spec.model, "batch_size": spec.batch_size,
           "dtype": spec.dtype, "image_shape": list(spec.image_shape),
-          "num_classes": spec.num_classes, "skip": spec.skip,
-          "bn_fast_variance": spec.bn_fast_variance, "framework": framework,
+          "num_classes": spec.num_classes, "skip": spec.skip, "model_args": spec.model_args,
+          "framework": framework, "framework_version": framework_version,
           "images_per_s": spec.batch_size / seconds_per_step,
           "ms_per_step": 1000 * seconds_per_step, "compile_s": compile_s,
           "peak_memory_bytes": peak_memory_bytes, "memory_kind": memory_kind,
           "num_params": num_params, "steps": spec.steps, "warmup": spec.warmup,
-          "repeats": spec.repeats}
+          "repeats": spec.repeats, **knobs}
 
 
 # --- JAX ---
 
-def measure_jax(spec: BenchSpec) -> dict:
-  """Times the project's train step, built by `trainer.build` as in training (state and totals
-  donated), on every local device: the state replicated, the synthetic batch sharded over
-  `parallel.make_mesh()`. Returns a `result_row`.
-  """
+CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits",
+                "/jax/compilation_cache/cache_misses": "cache_misses"}
+
+
+def jax_trainer(spec: BenchSpec):
+  """The project's trainer (`trainer.build`, as in training) for `spec` on every local device,
+  taking one synthetic batch, sharded over `parallel.make_mesh()`, at every step; with its
+  initial state and zeroed totals: (trainer, state, totals)."""
   import itertools
 
   import jax
   import numpy as np
 
-  from resnet_jax import data, parallel, sources, steps, trainer
+  from resnet_jax import data, parallel, sources, trainer
+
+  class FixedBatch(sources.DeviceBatches):
+    """The same batch at every step, as the in-memory source's split: a call of several steps
+    takes it once instead of a stacked copy per step, and the input stays unmeasured."""
+    stacks_steps = False
 
   validate_spec(spec, num_devices=jax.device_count())
-  config = bench_config(spec)
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   batch = jax.device_put({
@@ -166,17 +202,46 @@ def measure_jax(spec: BenchSpec) -> dict:
                           image_shape=spec.image_shape, num_train=spec.batch_size,
                           num_eval=spec.batch_size, mean=(NORM_MEAN,) * channels,
                           std=(NORM_STD,) * channels)
-  source = sources.DeviceBatches(itertools.repeat(batch), sources.spec_of(batch))
-  bench_trainer = trainer.build(config, info, mesh, source)
-  state, totals = bench_trainer.init_state(), bench_trainer.zero_totals()
+  source = FixedBatch(itertools.repeat(batch), sources.spec_of(batch))
+  bench_trainer = trainer.build(bench_config(spec), info, mesh, source)
+  return bench_trainer, bench_trainer.init_state(), bench_trainer.zero_totals()
+
+
+def run_jax_steps(bench_trainer, state, totals, n: int):
+  """n steps in calls of up to bench_trainer.steps_per_call, finished on the device:
+  (state, totals)."""
+  import jax
+  per_call = bench_trainer.steps_per_call
+  for done in range(0, n, per_call):
+    state, totals, _ = bench_trainer.train(state, totals, steps=min(per_call, n - done))
+  return jax.block_until_ready((state, totals))
+
+
+def measure_jax(spec: BenchSpec) -> dict:
+  """Times the project's train step (`jax_trainer`; state and totals donated), in calls of
+  trainer.steps_per_call steps. Returns a `result_row` with the JAX knobs: steps_per_call (as
+  resolved), XLA_FLAGS, the persistent compilation cache's directory and its hits and misses
+  while the train program compiled.
+  """
+  import jax
+
+  from resnet_jax import steps
+
+  cache_events = dict.fromkeys(CACHE_EVENTS.values(), 0)
+
+  def count(event: str, **kwargs) -> None:
+    del kwargs
+    if event in CACHE_EVENTS:
+      cache_events[CACHE_EVENTS[event]] += 1
+
+  bench_trainer, state, totals = jax_trainer(spec)
+  jax.monitoring.register_event_listener(count)
   compile_s = bench_trainer.compile(state, totals)
+  compile_cache = dict(cache_events)
 
   def run_steps(n: int) -> None:
     nonlocal state, totals
-    # A Python loop of single steps, as in training: scanning the step loses XLA CPU's fast convs.
-    for _ in range(n):
-      state, totals, _ = bench_trainer.train(state, totals)
-    jax.block_until_ready((state, totals))
+    state, totals = run_jax_steps(bench_trainer, state, totals, n)
 
   seconds_per_step = median_seconds_per_step(run_steps, spec)
   devices = jax.local_devices()
@@ -186,9 +251,14 @@ def measure_jax(spec: BenchSpec) -> dict:
   else:
     peak, memory_kind = process_peak_rss_bytes(), "process peak RSS"
   device = f"{jax.device_count()}x {devices[0].device_kind}"
-  return result_row(spec, framework="jax", device=device, seconds_per_step=seconds_per_step,
-                    compile_s=compile_s, peak_memory_bytes=peak, memory_kind=memory_kind,
-                    num_params=steps.count_params(state.params))
+  return result_row(spec, framework="jax", framework_version=jax.__version__, device=device,
+                    seconds_per_step=seconds_per_step, compile_s=compile_s,
+                    peak_memory_bytes=peak, memory_kind=memory_kind,
+                    num_params=steps.count_params(state.params),
+                    steps_per_call=bench_trainer.steps_per_call,
+                    xla_flags=os.environ.get("XLA_FLAGS", ""),
+                    compilation_cache_dir=jax.config.jax_compilation_cache_dir or "",
+                    **compile_cache)
 
 
 # --- PyTorch ---
@@ -316,7 +386,8 @@ def measure_torch(spec: BenchSpec, *, compile_model: bool = False) -> dict:
     peak, memory_kind = process_peak_rss_bytes(), "process peak RSS"
     name = f"cpu ({torch.get_num_threads()} threads)"
   framework = "torch+compile" if compile_model else "torch"
-  return result_row(spec, framework=framework, device=f"torch {torch.__version__} {name}",
+  return result_row(spec, framework=framework, framework_version=torch.__version__,
+                    device=f"torch {torch.__version__} {name}",
                     seconds_per_step=seconds_per_step, compile_s=compile_s,
                     peak_memory_bytes=peak, memory_kind=memory_kind, num_params=num_params)
 
@@ -330,10 +401,29 @@ def worker_command(spec: BenchSpec, framework: str, torch_compile: bool) -> list
           f"--torch_compile={torch_compile}"]
 
 
-def run_worker(spec: BenchSpec, framework: str, torch_compile: bool) -> dict:
-  """A row from a fresh process, or {"skipped": reason} / {"failed": the error's last lines}."""
-  proc = subprocess.run(worker_command(spec, framework, torch_compile), capture_output=True,
-                        text=True, check=False)
+def jax_environment(xla_flags: str = "", compilation_cache_dir: str = "") -> dict[str, str]:
+  """What a JAX worker's environment adds: `xla_flags` after this one's XLA_FLAGS, and a
+  persistent compilation cache in `compilation_cache_dir` that keeps every program."""
+  env = {}
+  if xla_flags:
+    env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
+  if compilation_cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return env
+
+
+def run_worker(spec: BenchSpec, framework: str, torch_compile: bool = False, *,
+               env: dict[str, str] | None = None, timeout_s: float | None = None) -> dict:
+  """A row from a fresh process with `env` added to this one's environment, or
+  {"skipped": reason} / {"failed": why, with the error's last lines}. A worker still running
+  after `timeout_s` is killed and fails."""
+  try:
+    proc = subprocess.run(worker_command(spec, framework, torch_compile), capture_output=True,
+                          text=True, check=False, env={**os.environ, **(env or {})},
+                          timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"failed": f"{framework} worker killed after its {timeout_s:.0f} s"}
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
@@ -342,14 +432,15 @@ def run_worker(spec: BenchSpec, framework: str, torch_compile: bool) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-  """A fixed-width table: device, model, batch, dtype, framework, img/s, ms/step, compile s,
-  peak memory in MiB and which memory that is."""
-  header = ("device", "model", "batch", "dtype", "framework", "img/s", "ms/step", "compile s",
-            "peak MiB", "memory")
+  """A fixed-width table: device, model, batch, dtype, framework, steps per call, img/s,
+  ms/step, compile s, peak memory in MiB and which memory that is."""
+  header = ("device", "model", "batch", "dtype", "framework", "K", "img/s", "ms/step",
+            "compile s", "peak MiB", "memory")
   cells = [header] + [
       (r["device"], r["model"], str(r["batch_size"]), r["dtype"], r["framework"],
-       f"{r['images_per_s']:.1f}", f"{r['ms_per_step']:.1f}", f"{r['compile_s']:.2f}",
-       f"{r['peak_memory_bytes'] / 2**20:.0f}", r["memory_kind"]) for r in rows]
+       str(r.get("steps_per_call", "-")), f"{r['images_per_s']:.1f}", f"{r['ms_per_step']:.1f}",
+       f"{r['compile_s']:.2f}", f"{r['peak_memory_bytes'] / 2**20:.0f}", r["memory_kind"])
+      for r in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
   return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                    for row in cells)
@@ -369,11 +460,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=10)
   p.add_argument("--skip", default=True, help="false: the plain twin", **flag)
-  p.add_argument("--bn_fast_variance", default=False, help="one-pass BatchNorm variance",
-                 **flag)
+  p.add_argument("--model_args", default="",
+                 help="more config.model fields, key=value,... (bn_variance=one_pass)")
+  p.add_argument("--steps_per_call", type=comma_list(int), default=[0],
+                 help="comma list; JAX steps per compiled call, 0 = the platform's")
+  p.add_argument("--xla_flags", default="", help="added to XLA_FLAGS for the JAX workers")
+  p.add_argument("--compilation_cache_dir", default="",
+                 help="the JAX workers' persistent compilation cache (default: none)")
   p.add_argument("--steps", type=int, default=20, help="steps per timing")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   p.add_argument("--repeats", type=int, default=3, help="timings; the median is reported")
+  p.add_argument("--timeout_s", type=float, default=0, help="per worker; 0 = none")
   p.add_argument("--torch", default=True, help="also measure PyTorch, if installed", **flag)
   p.add_argument("--torch_compile", default=False, help="torch.compile the network", **flag)
   p.add_argument("--json_out", default="", help="append one JSON line per measurement")
@@ -383,15 +480,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[BenchSpec]:
-  """One spec per (model, batch size), validated."""
+  """One spec per (model, batch size, steps per call), validated."""
+  model_args = parse_model_args(args.model_args)
   specs = [BenchSpec(model=m, batch_size=b, dtype=args.dtype,
                      image_shape=(args.image_size, args.image_size, args.channels),
-                     num_classes=args.num_classes, skip=args.skip,
-                     bn_fast_variance=args.bn_fast_variance, steps=args.steps,
-                     warmup=args.warmup, repeats=args.repeats)
-           for m in args.model for b in args.batch_size]
+                     num_classes=args.num_classes, skip=args.skip, model_args=model_args,
+                     steps_per_call=k, steps=args.steps, warmup=args.warmup,
+                     repeats=args.repeats)
+           for m in args.model for b in args.batch_size for k in args.steps_per_call]
   if not specs:
-    raise ValueError("--model and --batch_size must each name at least one value")
+    raise ValueError("--model, --batch_size and --steps_per_call must each name a value")
   for spec in specs:
     validate_spec(spec)
   return specs
@@ -415,18 +513,24 @@ def main(argv: list[str] | None = None) -> int:
     worker_main(args)
     return 0
   specs = specs_from_args(args)
-  frameworks = ["jax"]
   notes = []
-  if args.torch:
+  torch_too = args.torch
+  if torch_too:
     import importlib.util
     if importlib.util.find_spec("torch") is None:
       notes.append("PyTorch skipped: not installed (pip install -e .[torch]).")
-    else:
-      frameworks.append("torch")
-  rows = []
+      torch_too = False
+  env = {"jax": jax_environment(args.xla_flags, args.compilation_cache_dir), "torch": {}}
+  rows, torch_done = [], set()
   for spec in specs:
+    frameworks = ["jax"]
+    # PyTorch has no steps per call: one measurement per model and batch size.
+    if torch_too and (spec.model, spec.batch_size) not in torch_done:
+      frameworks.append("torch")
+      torch_done.add((spec.model, spec.batch_size))
     for framework in frameworks:
-      out = run_worker(spec, framework, args.torch_compile)
+      out = run_worker(spec, framework, args.torch_compile, env=env[framework],
+                       timeout_s=args.timeout_s or None)
       if "skipped" in out or "failed" in out:
         notes.append(out.get("skipped") or out["failed"])
         continue

@@ -10,19 +10,26 @@
 #   5. configs/sweeps/lr_depth_fashion_mnist_gpu.py (the lr x depth trainability map) with its
 #      plots;
 #   6. configs/sweeps/why_residual_fashion_mnist_gpu.py (sharpness, noise scale, gradient flow)
-#      with its plots and the plain-vs-residual loss landscapes at depths 110 and 20.
+#      with its plots and the plain-vs-residual loss landscapes at depths 110 and 20;
+#   7. experiments/step_speed.py: issue #10's goals table (ResNet-20 b128/b512, ResNet-50 b256,
+#      the configs/cifar10.py recipe end to end on synthetic pixels, compile cold and warm), each
+#      method on and off (steps per call, XLA flag sets, BN variance, the compilation cache), a
+#      profile of ResNet-20 b128, PyTorch eager and torch.compile; step_speed.jsonl and the table.
 # Usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]
 # writes JSON lines and tarballs to OUT_DIR; each part is cut short so that the whole ends within
-# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5 6") picks the parts,
-# so that a lease too short for all of them can run parts on their own: `... OUT_DIR 480 5 6`.
-# 6.2 minutes on one H100 (jax 0.11.2) without parts 3 and 5; parts 1-4 took 7.1 minutes on one
-# H200. Parts 5 and 6 are not yet measured (5 sized at about 4 minutes on one H100, capped at
-# 270 s; 6 capped at 240 s for the sweep and 60 s per landscape).
+# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5 6 7") picks the
+# parts, so that a lease too short for all of them can run parts on their own:
+# `... OUT_DIR 480 5 6`. 6.2 minutes on one H100 (jax 0.11.2) without parts 3 and 5; parts 1-4
+# took 7.1 minutes on one H200. Parts 5-7 are not yet measured (5 sized at about 4 minutes on one
+# H100, capped at 270 s; 6 capped at 240 s for the sweep and 60 s per landscape; 7 capped at
+# 360 s, a call of its own: `... OUT_DIR 400 7`, whose measurements past its 360 s are recorded
+# as skipped). STEP_SPEED_TINY=1 shrinks part 7's cases to check its plumbing on a CPU (6 minutes
+# on the 2-core AMD CPU, loaded).
 set -u
 usage="usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]"
 out=${1:?$usage}
 deadline=$((SECONDS + ${2:-540}))
-parts=" ${3:-1 2 3 4 5 6} "
+parts=" ${3:-1 2 3 4 5 6 7} "
 # Whether part $1 is to run.
 want() {
   [[ $parts == *" $1 "* ]]
@@ -112,4 +119,30 @@ for depth in 110 20; do
       --compare="\"$why/depth=$depth,skip=false\",\"$why/depth=$depth,skip=true\"" 2>&1 | tail -1
 done
 tar czf "$out/why_residual.tgz" --exclude=checkpoints --exclude='events.*' -C "$runs" why_residual
+fi
+
+if want 7; then
+echo "== 7. experiments/step_speed.py (issue #10; the recipe on synthetic CIFAR-10 pixels)"
+part7_end=$((SECONDS + 360))
+work="$runs/step_speed"
+speed=(python experiments/step_speed.py --out="$out/step_speed.jsonl" --work_dir="$work"
+       ${STEP_SPEED_TINY:+--tiny})
+# Runs step_speed.py with the groups $2 for at most $1 s of part 7's 360 s (and of the whole
+# deadline); it ends its own measurements in time (--budget_s), `timeout` is the backstop.
+speed() {
+  local cap=$(( $1 < part7_end - SECONDS ? $1 : part7_end - SECONDS ))
+  if (( cap < 15 )); then echo "not run, part 7's time is spent: $2"; return; fi
+  cap=$(limit "$cap")
+  timeout $((cap + 20)) "${speed[@]}" --groups="$2" --budget_s="$cap" 2>&1 \
+      | grep -v -e '^Generating' -e '^Shuffling' -e 'examples/s' -e '^Dataset cifar10'
+}
+# The recipe's data, on a CPU core while the GPU measures; one of 16 barely slows compiling.
+"${speed[@]}" --synthetic_cifar10="$work/synthetic_cifar10" >"$runs/synthetic_cifar10.log" 2>&1 &
+data=$!
+speed 110 goals,warm
+wait "$data" || tail -3 "$runs/synthetic_cifar10.log"
+speed 130 recipe
+speed 360 torch,steps_per_call,torch_compile,profile,xla_flags,model_args
+(cd "$work" && find . -name perfetto_trace.json.gz | tar czf "$out/step_speed_traces.tgz" -T -)
+python experiments/step_speed.py --table="$out/step_speed.jsonl"
 fi
