@@ -14,22 +14,26 @@
 #   7. experiments/step_speed.py: issue #10's goals table (ResNet-20 b128/b512, ResNet-50 b256,
 #      the configs/cifar10.py recipe end to end on synthetic pixels, compile cold and warm), each
 #      method on and off (steps per call, XLA flag sets, BN variance, the compilation cache), a
-#      profile of ResNet-20 b128, PyTorch eager and torch.compile; step_speed.jsonl and the table.
+#      profile of ResNet-20 b128, PyTorch eager and torch.compile; step_speed.jsonl and the table;
+#   8. experiments/pack_bench.py: issue #11's 8-point lr sweep (configs/sweeps/
+#      lr_fashion_mnist_gpu.py) packed as population:8, processes:4 and off, and as separate
+#      processes compiling anew (as before packing); wall, compile and img/s per mode.
 # Usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]
 # writes JSON lines and tarballs to OUT_DIR; each part is cut short so that the whole ends within
-# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5 6 7") picks the
+# SECONDS (default 540), since a GPU lease is short. PARTS (default "1 2 3 4 5 6 7 8") picks the
 # parts, so that a lease too short for all of them can run parts on their own:
 # `... OUT_DIR 480 5 6`. 6.2 minutes on one H100 (jax 0.11.2) without parts 3 and 5; parts 1-4
-# took 7.1 minutes on one H200. Parts 5-7 are not yet measured (5 sized at about 4 minutes on one
+# took 7.1 minutes on one H200. Parts 5-8 are not yet measured (5 sized at about 4 minutes on one
 # H100, capped at 270 s; 6 capped at 240 s for the sweep and 60 s per landscape; 7 capped at
 # 360 s, a call of its own: `... OUT_DIR 400 7`, whose measurements past its 360 s are recorded
-# as skipped). STEP_SPEED_TINY=1 shrinks part 7's cases to check its plumbing on a CPU (6 minutes
-# on the 2-core AMD CPU, loaded).
+# as skipped; 8 capped at 360 s: `... OUT_DIR 400 8`). STEP_SPEED_TINY=1 shrinks part 7's
+# cases to check its plumbing on a CPU (6 minutes on the 2-core AMD CPU, loaded);
+# PACK_BENCH_TINY=1 does the same for part 8 (345 s there).
 set -u
 usage="usage: bash experiments/gpu_figures.sh OUT_DIR [SECONDS] [PARTS]"
 out=${1:?$usage}
 deadline=$((SECONDS + ${2:-540}))
-parts=" ${3:-1 2 3 4 5 6 7} "
+parts=" ${3:-1 2 3 4 5 6 7 8} "
 # Whether part $1 is to run.
 want() {
   [[ $parts == *" $1 "* ]]
@@ -145,4 +149,22 @@ speed 130 recipe
 speed 360 torch,steps_per_call,torch_compile,profile,xla_flags,model_args
 (cd "$work" && find . -name perfetto_trace.json.gz | tar czf "$out/step_speed_traces.tgz" -T -)
 python experiments/step_speed.py --table="$out/step_speed.jsonl"
+fi
+
+if want 8; then
+echo "== 8. experiments/pack_bench.py (issue #11: an 8-point lr sweep in every packing mode)"
+# configs/sweeps/lr_fashion_mnist_gpu.py at full length (8 points of 3510 steps): the modes
+# that pack first, then the baseline (a process and a compilation per point), which is cut
+# short, reported with the points it finished, where part 8's 360 s run out.
+part8=$(limit 360)
+tiny=()  # PACK_BENCH_TINY=1: tiny points, to check the plumbing on a CPU.
+[[ -n ${PACK_BENCH_TINY:-} ]] && tiny=(--num_steps=4 --log_every=2 --fixed='{"batch_size": 16,
+    "optimizer": {"warmup_steps": 1}, "model": {"width": 0.25, "dtype": "float32"},
+    "dataset": {"eval_split": "test[:64]"}}')
+timeout $((part8 + 30)) python experiments/pack_bench.py \
+    --sweep=configs/sweeps/lr_fashion_mnist_gpu.py --modes=population:8,processes:4,off,separate \
+    --mode_timeout=150 --max_seconds="$part8" --work_dir="$runs/pack" --keep \
+    --json_out="$out/pack_gpu.jsonl" "${tiny[@]}" 2>&1 | tail -9
+tar czf "$out/pack.tgz" --exclude=checkpoints --exclude='events.*' --exclude=xla_cache \
+    --exclude=separate_caches -C "$runs" pack
 fi

@@ -210,15 +210,9 @@ def verify(step_dir: str) -> str | None:
   return None
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
-    else:
-      flat[name] = list(value) if isinstance(value, tuple) else value
-  return flat
+def _comparable(tree: dict) -> dict:
+  """The config's leaves by dotted path, tuples as the lists JSON records them as."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in config_lib.flatten(tree).items()}
 
 
 def config_mismatches(stored: dict, current: ml_collections.ConfigDict) -> list[str]:
@@ -227,9 +221,9 @@ def config_mismatches(stored: dict, current: ml_collections.ConfigDict) -> list[
   A field the checkpoint's config lacks (added to resnet_jax since) counts as its default; one
   since replaced counts as its replacement (config.upgrade_recorded).
   """
-  old = {**_flatten(config_lib.default_config().to_dict()),
-         **_flatten(config_lib.upgrade_recorded(stored))}
-  new = _flatten(current.to_dict())
+  old = {**_comparable(config_lib.default_config().to_dict()),
+         **_comparable(config_lib.upgrade_recorded(stored))}
+  new = _comparable(current.to_dict())
   lines = []
   for field in sorted(set(old) | set(new)):
     if field in RESUMABLE_FIELDS or old.get(field) == new.get(field):

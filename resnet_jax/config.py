@@ -147,6 +147,17 @@ def upgrade_recorded(recorded: dict) -> dict:
   return {**recorded, "model": model}
 
 
+def flatten(tree: Mapping) -> dict[str, Any]:
+  """{dotted path: value} of every leaf of a nested dict or ConfigDict: {"model.depth": 20}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      flat.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+    else:
+      flat[str(key)] = value
+  return flat
+
+
 def split_arg(arg: str | None) -> dict[str, str]:
   """Splits a config-file argument such as `depth=56,skip=false` into a dict of strings."""
   if not arg:

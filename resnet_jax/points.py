@@ -170,21 +170,12 @@ def point_config(get_config: GetConfig, base_arg: str, fixed: Mapping[str, Any],
   model_args = {**config_lib.split_arg(base_arg),
                 **{k: v for k, v in fields.items() if k in config_lib.MODEL_ARGS}}
   config = get_config(model_args) if model_args else get_config()
-  for path, value in _leaves(fixed):
+  for path, value in config_lib.flatten(fixed).items():
     _set_field(config, path, value)
   for key, value in fields.items():
     if key not in config_lib.MODEL_ARGS:
       _set_field(config, ALIASES.get(key, key), value)
   return config
-
-
-def _leaves(tree, prefix: str = ""):
-  """(dotted path, value) of every leaf of a nested dict or ConfigDict."""
-  for key, value in tree.items():
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      yield from _leaves(value, f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", value
 
 
 def _set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:

@@ -102,24 +102,10 @@ def train_population(configs: list[ml_collections.ConfigDict], workdirs: list[st
 def population_key(config: ml_collections.ConfigDict) -> str:
   """Equal for configs that may train in one population: they share everything but the step's
   inputs (trainer.STEP_INPUTS), bookkeeping included."""
-  fields = config.to_dict()
+  fields = config_lib.flatten(config)
   for name in trainer_lib.STEP_INPUTS:
-    *path, leaf = name.split(".")
-    node = fields
-    for part in path:
-      node = node[part]
-    node.pop(leaf)
-  return repr(sorted(_flat(fields).items()))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+    del fields[name]
+  return repr(sorted(fields.items()))
 
 
 @dataclasses.dataclass

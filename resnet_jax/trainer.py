@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,14 +69,10 @@ _BOOKKEEPING = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints
 def program_key(config: ml_collections.ConfigDict) -> str:
   """What a config's compiled programs depend on: the config without STEP_INPUTS and
   bookkeeping. Configs with equal keys share one Trainer's programs (Trainer.for_config)."""
-  fields = config.to_dict()
+  fields = config_lib.flatten(config)
   for name in STEP_INPUTS + _BOOKKEEPING:
-    *path, leaf = name.split(".")
-    node = fields
-    for part in path:
-      node = node[part]
-    node.pop(leaf, None)
-  return json.dumps(fields, sort_keys=True, default=str)
+    fields.pop(name, None)
+  return repr(sorted(fields.items()))
 
 
 class Cache:
