@@ -231,12 +231,10 @@ def _loop(trainer: trainer_lib.Trainer, members: list[_Member], num_train: int,
   totals, active = zeros(trainer, size), np.ones(size, bool)
   on_device = lambda mask: parallel.put_replicated(mask, trainer.mesh)
   active_arg = on_device(active)
-  counts = {}
-  count_arg = lambda n: counts.setdefault(n, parallel.put_replicated(np.int32(n), trainer.mesh))
   start = time.time()
   if not isinstance(made["train"], jax.stages.Compiled):
     made["train"] = made["train"].lower(state, totals, trainer.source.train_inputs(), active_arg,
-                                        count_arg(1)).compile()
+                                        trainer.step_count(1)).compile()
   compile_s = time.time() - start
   mark_step, mark_time = first_step, time.time()
 
@@ -244,7 +242,7 @@ def _loop(trainer: trainer_lib.Trainer, members: list[_Member], num_train: int,
   while step < config.num_steps:
     count = train.call_length(config, trainer.steps_per_call, step, first_step)
     state, totals = made["train"](state, totals, trainer.source.train_inputs(), active_arg,
-                                  count_arg(count))
+                                  trainer.step_count(count))
     step += count
     for m, on in zip(members, active):
       if on:

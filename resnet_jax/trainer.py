@@ -185,7 +185,7 @@ class Trainer:
       programs["plain"] = programs["plain"].lower(state, totals, self.source.train_spec).compile()
     else:
       programs["loop"] = programs["loop"].lower(state, totals, self.loop_spec,
-                                                self._count(1)).compile()
+                                                self.step_count(1)).compile()
     return time.time() - start
 
   def train(self, state: steps.TrainState, totals: dict, *, steps: int = 1,
@@ -199,9 +199,10 @@ class Trainer:
       program = self.train_programs["diagnostics" if with_diagnostics else "plain"]
       return program(state, totals, self.source.train_inputs())
     return self.train_programs["loop"](state, totals, self._loop_inputs(steps),
-                                       self._count(steps))
+                                       self.step_count(steps))
 
-  def _count(self, steps: int) -> jax.Array:
+  def step_count(self, steps: int) -> jax.Array:
+    """`steps` as the replicated int32 a loop program takes, made once per value."""
     if steps not in self._counts:
       self._counts[steps] = parallel.put_replicated(np.int32(steps), self.mesh)
     return self._counts[steps]
