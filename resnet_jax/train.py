@@ -247,6 +247,7 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
   step = first_step
   while step < config.num_steps:
     if config.profile_steps and step == first_step + 1:  # Trace after the first, slow call.
+      saver.wait()  # The profiler must not start or stop while a save's threads run (a crash).
       jax.profiler.start_trace(os.path.join(workdir, "profile"))
     diag_now = bool(config.diagnostics_every) and step % config.diagnostics_every == 0
     count = 1 if diag_now else call_length(config, trainer.steps_per_call, step, first_step)
@@ -255,6 +256,7 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: check
     out["step"] = step
     if config.profile_steps and step == first_step + 1 + config.profile_steps:
       jax.block_until_ready(state)
+      saver.wait()
       jax.profiler.stop_trace()
     if diag_now:  # Norms of the network that step `step - 1` saw.
       reporter.write({"event": reporting.DIAGNOSTICS, "step": step - 1,

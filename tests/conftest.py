@@ -1,6 +1,11 @@
-"""Gives every test process 8 CPU devices, so sharding tests run on a real (host) mesh, and one
+"""Gives every test process 8 CPU devices, so sharding tests run on a real (host) mesh, one
 persistent compilation cache, so that the many tiny runs (in-process and in subprocesses, which
-inherit the environment) compile each program once.
+inherit the environment) compile each program once, and XLA's backend (LLVM) optimisations off
+(--xla_backend_optimization_level=0): compilation is most of the suite's time, the tiny runs
+execute few steps, the convolutions are library calls that run as fast either way, and no test
+is about the optimised machine code. Both sides of every comparison compile alike, so bitwise
+claims hold; rounding may differ from the default build's, one more rounding the tolerances must
+survive. A level given in XLA_FLAGS stands (=2 runs the suite on the default build).
 
 XLA reads XLA_FLAGS once, when jax first initialises its backends, and jax reads its JAX_*
 variables when it is imported; pytest imports this file before any test module, hence first.
@@ -9,9 +14,9 @@ A cached executable is the program a fresh compilation makes, so bitwise compari
 
 import os
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
-if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"))
 # Orbax's saves compile dozens of small programs too; they are worth caching here.
@@ -38,3 +43,17 @@ def prepared_data_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   prepare.prepare("fashion_mnist", data_dir=data_dir)
   return data_dir
+
+
+# Threads of an Orbax save in flight. A test that leaves one running (a Saver never waited for
+# and closed) lets its writes race with later tests: a profiler stopping while they ran crashed
+# the suite once.
+_SAVE_THREADS = ("async_save", "save_finalize", "write_metadata_after_commits", "np_type_handler")
+
+
+@pytest.fixture(autouse=True)
+def no_save_outlives_its_test():
+  yield
+  import threading  # pylint: disable=g-import-not-at-top
+  left = sorted(t.name for t in threading.enumerate() if t.name.startswith(_SAVE_THREADS))
+  assert not left, f"checkpoint saves left running after the test: {left}"
