@@ -34,6 +34,7 @@ def random_start(n: int, seed: int = 1) -> jax.Array:
   return jnp.asarray(np.random.default_rng(seed).normal(size=n), jnp.float32)
 
 
+@pytest.mark.numerics
 def test_lanczos_over_the_whole_space_finds_a_quadratics_top_eigenvalues():
   eigenvalues = np.geomspace(100.0, 0.1, 40)
   alphas, betas = curvature.lanczos(quadratic_operator(eigenvalues), random_start(40), 40)
@@ -44,6 +45,7 @@ def test_lanczos_over_the_whole_space_finds_a_quadratics_top_eigenvalues():
   np.testing.assert_allclose(top, eigenvalues[:3], rtol=0, atol=40 * EPS32 * 100.0)
 
 
+@pytest.mark.numerics
 def test_lanczos_stops_when_the_krylov_space_closes_and_its_eigenvalues_are_exact():
   # Three distinct eigenvalues: the Krylov space of any start has dimension 3.
   eigenvalues = np.array([10.0] + [4.0] * 5 + [1.0] * 194)
@@ -65,6 +67,7 @@ class TinyNet(nn.Module):
     return nn.Dense(3)(jnp.tanh(x))
 
 
+@pytest.mark.numerics
 def test_hessian_vector_product_matches_central_differences_of_the_gradient():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)

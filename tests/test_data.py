@@ -102,6 +102,7 @@ def test_flip_mirrors_some_examples_left_to_right_and_keeps_the_others():
 # --- normalize ---
 
 
+@pytest.mark.numerics
 def test_normalize_maps_pixels_to_standard_scores_per_channel():
   images = jnp.asarray([[[0, 255], [51, 102]]], jnp.uint8).reshape(1, 1, 2, 2)
   out = data.normalize(images, mean=(0.2, 0.4), std=(0.5, 0.2))

@@ -22,6 +22,7 @@ def tiny_net_loss(params, x):
   return params["head"]["kernel"] @ g + params["head"]["bias"]
 
 
+@pytest.mark.numerics
 def test_block_grad_norms_equal_the_hand_computed_norms_of_a_tiny_net():
   params = {"stem": {"kernel": jnp.eye(2)}, "stage1_block1": {"scale": jnp.float32(2.0)},
             "head": {"kernel": jnp.array([1.0, 2.0]), "bias": jnp.float32(0.5)}}
@@ -42,6 +43,7 @@ def test_block_activation_rms_takes_the_value_each_block_sowed():
   assert {k: float(v) for k, v in rms.items()} == {"stage1_block1": 0.5, "stage1_block2": 1.5}
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("skip", [True, False])
 def test_block_activation_rms_is_the_rms_of_each_block_output(skip):
   model = models.get_model("resnet20", num_classes=10, skip=skip)

@@ -74,6 +74,7 @@ def assert_evaluates_as_directly(run_dir):
   return check
 
 
+@pytest.mark.numerics
 def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_or_bias_part(
     run_dir):
   variables = checkpoint_variables(run_dir)
@@ -98,6 +99,7 @@ def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_
                                                   jax.tree.leaves(again)))
 
 
+@pytest.mark.numerics
 def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
                                                           assert_evaluates_as_directly):
   assert computed.step == 3 and np.array_equal(computed.coords, [-0.5, 0.0, 0.5])
@@ -107,6 +109,7 @@ def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
   assert np.all(np.delete(computed.surface_loss.ravel(), 4) != computed.surface_loss[1, 1])
 
 
+@pytest.mark.numerics
 def test_line_runs_from_the_initial_network_to_the_checkpoint(run_dir, computed,
                                                               assert_evaluates_as_directly):
   config = landscape.run_config(run_dir)

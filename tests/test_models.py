@@ -216,6 +216,7 @@ def test_variables_hold_params_and_batch_stats():
   assert variables["batch_stats"]["stage1_block1"]["bn1"]["mean"].shape == (16,)
 
 
+@pytest.mark.numerics
 def test_bfloat16_forward_is_finite_and_close_to_float32(resnet20_variables):
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   logits = {}
@@ -229,6 +230,7 @@ def test_bfloat16_forward_is_finite_and_close_to_float32(resnet20_variables):
   np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=0.03 * scale)
 
 
+@pytest.mark.numerics
 def test_each_block_sows_the_rms_of_its_output(resnet20_variables):
   model = get_model("resnet20", num_classes=10)
   x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
@@ -357,6 +359,7 @@ def test_option_that_config_model_lacks_raises_type_error_listing_its_fields():
     get_model("resnet20", num_classes=10, depth=56)
 
 
+@pytest.mark.numerics
 def test_batch_norm_stats_over_a_sharded_batch_equal_the_unsharded_ones(resnet20_variables):
   devices = jax.devices("cpu")
   assert len(devices) == 8  # From tests/conftest.py.

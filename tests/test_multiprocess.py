@@ -27,8 +27,11 @@ def _free_port() -> int:
 
 def _start(workdir: str, data_dir: str, devices: int, *extra: str,
            num_steps: int = 2) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  # The session's other XLA flags (an ISA limit, say) stand; only the device count changes.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
   args = [sys.executable, "-m", "resnet_jax.main", "--config=configs/fashion_mnist.py",
           f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
           "--config.dataset.eval_split=test[:64]", "--config.batch_size=16",
@@ -58,6 +61,7 @@ def _max_abs_difference(a, b) -> float:
   return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.numerics
 def test_two_processes_train_like_one_process_with_the_same_devices(prepared_data_dir, tmp_path):
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   port = _free_port()

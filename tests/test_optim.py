@@ -80,6 +80,7 @@ def _quadratic_grad(params):
 # --- Learning-rate schedules -----------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_step_schedule_divides_lr_by_ten_at_32k_and_48k():
   cfg = _opt_cfg(lr=0.1, schedule="step", boundaries=(32_000, 48_000), decay_factor=0.1)
   steps = [0, 31_999, 32_000, 32_001, 47_999, 48_000, 63_999]
@@ -87,6 +88,7 @@ def test_step_schedule_divides_lr_by_ten_at_32k_and_48k():
                              [0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_step_boundaries_in_epochs_are_multiplied_by_steps_per_epoch():
   cfg = _opt_cfg(lr=0.1, schedule="step", boundaries=(2, 3.5), boundaries_unit="epochs")
   # 100 steps per epoch: decays at steps 200 and 350.
@@ -94,6 +96,7 @@ def test_step_boundaries_in_epochs_are_multiplied_by_steps_per_epoch():
                              [0.1, 0.01, 0.01, 0.001], rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_cosine_schedule_falls_from_peak_to_zero_at_the_last_step():
   cfg = _opt_cfg(lr=0.2, schedule="cosine")
   steps = [0, 25, 50, 75, 100]
@@ -102,6 +105,7 @@ def test_cosine_schedule_falls_from_peak_to_zero_at_the_last_step():
                              rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.numerics
 def test_linear_warmup_rises_from_zero_to_peak_then_cosine_decays_to_zero():
   cfg = _opt_cfg(lr=0.1, schedule="cosine", warmup="linear", warmup_steps=10)
   # Cosine over the 100 steps after warmup: half the peak halfway, at step 60.
@@ -109,6 +113,7 @@ def test_linear_warmup_rises_from_zero_to_peak_then_cosine_decays_to_zero():
                              [0.0, 0.05, 0.09, 0.1, 0.05, 0.0], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.numerics
 def test_constant_warm_start_uses_0_01_for_400_steps_then_the_paper_schedule():
   cfg = _opt_cfg(lr=0.1, schedule="step", boundaries=(32_000, 48_000), warmup="constant",
                  warmup_steps=400, warmup_factor=0.1)
@@ -117,11 +122,13 @@ def test_constant_warm_start_uses_0_01_for_400_steps_then_the_paper_schedule():
                              [0.01, 0.01, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_linear_scaling_rule_multiplies_peak_by_batch_over_base_batch():
   cfg = _opt_cfg(lr=0.1, base_batch_size=256)
   np.testing.assert_allclose(_lr_values(cfg, [0, 500], batch_size=1024), [0.4, 0.4], rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_zero_base_batch_size_leaves_lr_unscaled():
   cfg = _opt_cfg(lr=0.1, base_batch_size=0)
   np.testing.assert_allclose(_lr_values(cfg, [0], batch_size=1024), [0.1], rtol=1e-6)
@@ -148,6 +155,7 @@ def _decay_only_update(decay_bn_and_bias):
   return params, updates
 
 
+@pytest.mark.numerics
 def test_default_decay_leaves_batchnorm_and_biases_untouched():
   params, updates = _decay_only_update(decay_bn_and_bias=False)
   np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.1 * params["Dense_0"]["kernel"],
@@ -156,6 +164,7 @@ def test_default_decay_leaves_batchnorm_and_biases_untouched():
   np.testing.assert_array_equal(updates["Conv_0"]["bias"], 0.0)
 
 
+@pytest.mark.numerics
 def test_decay_bn_and_bias_decays_every_leaf():
   params, updates = _decay_only_update(decay_bn_and_bias=True)
   jax.tree.map(lambda u, p: np.testing.assert_allclose(u, -0.1 * p, rtol=1e-6), updates, params)
@@ -163,6 +172,7 @@ def test_decay_bn_and_bias_decays_every_leaf():
   np.testing.assert_allclose(updates["BatchNorm_0"]["scale"], -0.1, rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_coupled_decay_equals_momentum_sgd_on_loss_plus_half_wd_kernel_norm_squared():
   params, loss_fn = _tiny_net_problem()
   wd = 0.01
@@ -178,6 +188,7 @@ def test_coupled_decay_equals_momentum_sgd_on_loss_plus_half_wd_kernel_norm_squa
                ours, reference)
 
 
+@pytest.mark.numerics
 def test_decoupled_decay_shrinks_weights_outside_momentum():
   lr, momentum, wd = 0.1, 0.9, 0.1
   cfg = _opt_cfg(lr=lr, momentum=momentum, weight_decay=wd, weight_decay_mode="decoupled")
@@ -194,6 +205,7 @@ def test_decoupled_decay_shrinks_weights_outside_momentum():
     np.testing.assert_allclose(ours[layer][name], w, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_decoupled_decay_differs_from_coupled_on_kernels_only():
   def params_after(mode):
     cfg = _opt_cfg(lr=0.1, momentum=0.9, weight_decay=0.1, weight_decay_mode=mode)
@@ -208,6 +220,7 @@ def test_decoupled_decay_differs_from_coupled_on_kernels_only():
 # --- Momentum, clipping, LARS ----------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_nesterov_matches_its_formula_for_two_steps_on_a_quadratic():
   curvature, lr, momentum = 2.0, 0.1, 0.9
   cfg = _opt_cfg(lr=lr, momentum=momentum, nesterov=True, weight_decay=0.0)
@@ -224,6 +237,7 @@ def test_nesterov_matches_its_formula_for_two_steps_on_a_quadratic():
   np.testing.assert_allclose(ours["w"], w, rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_grad_clipping_caps_the_global_norm_and_keeps_the_direction():
   cfg = _opt_cfg(lr=1.0, momentum=0.0, weight_decay=0.0, grad_clip_norm=1.0)
   params = {"kernel": jnp.zeros(2), "bias": jnp.zeros(1)}
@@ -234,6 +248,7 @@ def test_grad_clipping_caps_the_global_norm_and_keeps_the_direction():
   np.testing.assert_allclose(updates["kernel"], [-0.6, -0.8], rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_lars_first_step_scales_each_kernel_by_its_trust_ratio():
   lr, wd, trust = 0.1, 0.1, 0.001
   cfg = _opt_cfg(name="lars", lr=lr, momentum=0.9, weight_decay=wd, lars_trust_coefficient=trust)
@@ -252,6 +267,7 @@ def test_lars_first_step_scales_each_kernel_by_its_trust_ratio():
 # --- Injected hyperparameters ----------------------------------------------------------------
 
 
+@pytest.mark.numerics
 def test_jitted_update_matches_the_eager_update():
   cfg = _opt_cfg(schedule="cosine", warmup_steps=2, weight_decay=0.01, grad_clip_norm=5.0)
   tx = _optimizer(cfg, num_steps=10)
@@ -265,6 +281,7 @@ def test_jitted_update_matches_the_eager_update():
   assert np.any(np.asarray(jitted["Dense_0"]["kernel"]) != 0.0)
 
 
+@pytest.mark.numerics
 def test_current_learning_rate_is_the_lr_of_the_most_recent_update():
   cfg = _opt_cfg(lr=0.1, schedule="cosine", warmup="linear", warmup_steps=4)
   lr_fn = optim.create_learning_rate_fn(cfg, batch_size=128, num_steps=20, steps_per_epoch=10)
@@ -277,6 +294,7 @@ def test_current_learning_rate_is_the_lr_of_the_most_recent_update():
   assert optim.current_learning_rate(state).dtype == jnp.float32
 
 
+@pytest.mark.numerics
 def test_set_hyperparams_changes_the_update_without_retracing():
   tx = _optimizer(_opt_cfg(lr=0.1, momentum=0.9, weight_decay=1e-4))
   traces = []
@@ -305,6 +323,7 @@ def test_set_hyperparams_rejects_unknown_names_listing_the_allowed_ones():
     optim.set_hyperparams(tx.init(_PARAMS), lr=0.05)
 
 
+@pytest.mark.numerics
 def test_a_population_of_learning_rates_vmaps_over_the_state():
   tx = _optimizer(_opt_cfg(lr=0.1, momentum=0.0, weight_decay=0.0))
   states = jax.vmap(lambda _: tx.init(_PARAMS))(jnp.arange(3))

@@ -59,6 +59,7 @@ def packed(prepared_data_dir, tmp_path_factory) -> list[str]:
   return workdirs
 
 
+@pytest.mark.numerics
 def test_each_member_ends_where_its_separate_run_ends(separate, packed):
   for i, (alone, together) in enumerate(zip(separate, packed)):
     a, b = reporting.Summary.read(alone), reporting.Summary.read(together)

@@ -16,6 +16,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import checkpoints, config as config_lib, parallel, reporting, sources, train
@@ -48,6 +49,7 @@ def _max_diff(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.numerics
 def test_k_steps_in_one_call_are_bitwise_k_calls_of_one_and_near_the_one_step_program():
   batches = _batches(3)
   runs = {}
