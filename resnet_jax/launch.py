@@ -13,9 +13,10 @@ turns USR2 into the SIGTERM a run already stops on (preemption.py: it finishes t
 checkpoints, records `preempted`), then hands USR2 to submitit's handler, which requeues the job
 (`scontrol requeue`, at most max_num_timeout times for time limits) and exits; the requeued task
 resumes its point from the checkpoint. `scancel --signal=USR2` takes the same path. A SIGTERM
-alone (scancel, or SLURM preempting the job) stops the run the same way but requeues nothing
-here: SLURM requeues a preempted job itself when the cluster's PreemptMode is REQUEUE, and a
-cancelled job stays cancelled. A point that fails or diverges is recorded and its task ends.
+alone (SLURM preempting the job, or scancel) stops the run the same way, and the task then waits
+for SLURM to end it: SLURM requeues a preempted job itself (PreemptMode=REQUEUE) when it kills
+it, and a cancelled job stays cancelled. A point that fails or diverges is recorded
+and its task ends.
 
 State comes from `squeue` and the points' own summary.json, not from `sacct`: a cluster without
 accounting storage (slurmdbd) has no sacct, and submitit's job states then read UNKNOWN; a point's
@@ -319,8 +320,17 @@ def _task(run):
   """`run()` -> its reporting status, with the time-limit warning handled (see above)."""
   with _TimeLimitWarning() as warning:
     status = run()
-    if warning.received and status == reporting.PREEMPTED:
-      warning.requeue()
+    if status == reporting.PREEMPTED:
+      if warning.received:
+        warning.requeue()
+      # SIGTERM alone: SLURM preempting the job, or scancel. SLURM requeues a job it preempts
+      # only if the job is still running when SLURM kills it (one that exits first is recorded
+      # COMPLETED), so the task stays, checkpointed, until then: requeued if preempted, gone if
+      # cancelled. SLURM always follows SIGTERM with SIGKILL.
+      print("stopped by SIGTERM, checkpointed: waiting for SLURM to requeue or end the job",
+            flush=True)
+      while True:
+        time.sleep(60)
   return status
 
 

@@ -46,7 +46,7 @@ write_config() {
   local memory=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 ))
   cat > "$SLURM_CONF" <<EOF
 ClusterName=resnet_jax_local
-SlurmctldHost=$node
+SlurmctldHost=$node(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -70,10 +70,15 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
-KillWait=5
+KillWait=10
 MinJobAge=60
-NodeName=$node CPUs=$cpus RealMemory=$memory State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
+# Jobs in "urgent" preempt jobs in "debug", which SLURM then requeues, as a cluster does; with no
+# GraceTime, SIGTERM then SIGKILL after KillWait, time enough for a tiny run to checkpoint.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=urgent Nodes=$node MaxTime=INFINITE State=UP PriorityTier=10
 EOF
 }
 

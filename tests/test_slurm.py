@@ -30,21 +30,24 @@ COMPARED = ("name", "lr", "batch_size", "status", "train_error", "test_error",
 
 @pytest.fixture(scope="session")
 def slurm() -> None:
-  """A SLURM scheduler that answers, with its node up; SLURM_CONF set for every command."""
-  os.environ.setdefault("SLURM_CONF", LOCAL_CONF)
-  try:
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-    nodes = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True,
-                           text=True, timeout=30)
-    reason = "" if "UP" in ping.stdout and any(
-        s.rstrip("*") in ("idle", "mix", "alloc") for s in nodes.stdout.split()) else (
-            f"scontrol ping: {(ping.stdout + ping.stderr).strip()}; sinfo: "
-            f"{(nodes.stdout + nodes.stderr).strip()}")
-  except (OSError, subprocess.TimeoutExpired) as e:
-    reason = f"{type(e).__name__}: {e}"
+  """The local scheduler, answering, with its node up; SLURM_CONF set for every command. Only
+  that one: a developer's real cluster is never sent these jobs."""
+  os.environ["SLURM_CONF"] = LOCAL_CONF
+  reason = "" if os.path.exists(LOCAL_CONF) else f"{LOCAL_CONF} does not exist"
+  if not reason:
+    try:
+      ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+      nodes = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True,
+                             text=True, timeout=10)
+      if "UP" not in ping.stdout or not any(
+          s.rstrip("*") in ("idle", "mix", "alloc") for s in nodes.stdout.split()):
+        reason = (f"scontrol ping: {(ping.stdout + ping.stderr).strip()}; sinfo: "
+                  f"{(nodes.stdout + nodes.stderr).strip()}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+      reason = f"{type(e).__name__}: {e}"
   if reason:
-    message = (f"no SLURM scheduler (SLURM_CONF={os.environ['SLURM_CONF']}): {reason}; "
-               "start the local one with `bash scripts/slurm_local.sh start` (root)")
+    message = (f"no SLURM scheduler: {reason}; start the local one with "
+               "`bash scripts/slurm_local.sh start` (root)")
     if os.environ.get("CI") == "true":
       pytest.fail(message)
     pytest.skip(message)
@@ -169,36 +172,87 @@ def test_point_the_run_refuses_is_recorded_failed_and_not_requeued(array_sweep):
   assert log.count("Starting with JobEnvironment") == 1 and "Requeued" not in log
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_task_signalled_before_its_time_limit_checkpoints_requeues_and_ends_bitwise(
-    slurm, prepared_data_dir, tmp_path, jobs):
-  # SLURM sends submitit's USR2 --slurm_signal_delay_s before the time limit; scancel sends it
-  # now. The run stops at a step boundary, checkpointed and preempted; the job is requeued, and
-  # its second start resumes the point to where an uninterrupted run ends.
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, prepared_data_dir, tmp_path_factory):
+  """A 50-step point run here without interruption: (its sweep config, its workdir). Run first,
+  its programs go into the compilation cache that the tasks then read."""
   del slurm
-  sweep_config = tiny_sweep(prepared_data_dir, [{"lr": 0.1}], num_steps=100, log_every=1)
-  workdir = str(tmp_path / "slurm")
-  jobs.append(workdir)
+  sweep_config = tiny_sweep(prepared_data_dir, [{"lr": 0.1}], num_steps=50, log_every=1)
+  here = str(tmp_path_factory.mktemp("uninterrupted"))
+  runner.run_sweep(sweep_config, here)
+  return sweep_config, os.path.join(here, "lr=0.1")
+
+
+def interrupted(sweep_config: ml_collections.ConfigDict, workdir: str,
+                interrupt) -> tuple[launch.Job, str]:
+  """Submits the sweep, calls `interrupt(job)` once its point has trained 2 steps, and follows
+  the job to its end: (the job, its task's log)."""
   job = launch.submit_sweep(sweep_config, workdir, launch.SlurmOptions(time="10"))
   point_dir = os.path.join(workdir, "lr=0.1")
   deadline = time.time() + 300
   while not [e for e in reporting.read_metrics(point_dir) if e["step"] >= 2]:
     assert time.time() < deadline, "the task did not start training"
     time.sleep(0.05)
-  subprocess.run(["scancel", "--signal=USR2", job.task_id()], check=True)
+  interrupt(job)
   launch.wait_sweep(sweep_config, workdir, job, poll_s=1)
-  runner.run_sweep(sweep_config, str(tmp_path / "here"))
+  return job, task_log(workdir, job)
 
-  log = task_log(workdir, job)
+
+def assert_ends_where_the_uninterrupted_run_ends(point_dir: str, here_dir: str) -> None:
+  done, here = reporting.Summary.read(point_dir), reporting.Summary.read(here_dir)
+  assert done.status == "completed" and done.step == 50
+  assert (done.train_loss, done.test_error) == (here.train_loss, here.test_error)
+  assert multihost.max_abs_difference(multihost.params(point_dir, 50),
+                                      multihost.params(here_dir, 50)) == 0.0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_task_signalled_before_its_time_limit_checkpoints_requeues_and_ends_bitwise(
+    uninterrupted, tmp_path, jobs):
+  # SLURM sends submitit's USR2 --slurm_signal_delay_s before the time limit; scancel sends it
+  # now. The run stops at a step boundary, checkpointed and preempted; submitit requeues the
+  # job, and its second start resumes the point to where an uninterrupted run ends.
+  sweep_config, here_dir = uninterrupted
+  workdir = str(tmp_path / "slurm")
+  jobs.append(workdir)
+  job, log = interrupted(sweep_config, workdir, lambda job: subprocess.run(
+      ["scancel", "--signal=USR2", job.task_id()], check=True))
+
   assert log.count("Starting with JobEnvironment") == 2, log[-3000:]
   assert "point 0 lr=0.1: preempted" in log and f"Requeued job {job.task_id()}" in log
-  here_dir = os.path.join(tmp_path, "here", "lr=0.1")
-  done, here = reporting.Summary.read(point_dir), reporting.Summary.read(here_dir)
-  assert done.status == "completed" and done.step == 100
-  assert (done.train_loss, done.test_error) == (here.train_loss, here.test_error)
-  assert multihost.max_abs_difference(multihost.params(point_dir, 100),
-                                      multihost.params(here_dir, 100)) == 0.0
+  assert_ends_where_the_uninterrupted_run_ends(os.path.join(workdir, "lr=0.1"), here_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_task_slurm_preempts_checkpoints_is_requeued_by_slurm_and_ends_bitwise(
+    uninterrupted, tmp_path, jobs):
+  # A job in the local cluster's "urgent" partition that needs every CPU preempts the point's:
+  # SIGTERM, then SIGKILL after the partition's GraceTime, and SLURM requeues it.
+  sweep_config, here_dir = uninterrupted
+  workdir = str(tmp_path / "slurm")
+  jobs.append(workdir)
+  cpus = subprocess.run(["sinfo", "--noheader", "--partition=urgent", "--format=%c"],
+                        capture_output=True, text=True, check=True).stdout.split()[0]
+  urgent = []
+
+  def preempt(job: launch.Job) -> None:
+    del job
+    urgent.append(subprocess.run(
+        ["sbatch", "--parsable", "--partition=urgent", f"--cpus-per-task={cpus}",
+         f"--output={tmp_path / 'urgent.out'}", "--wrap=true"],
+        capture_output=True, text=True, check=True).stdout.strip())
+
+  try:
+    job, log = interrupted(sweep_config, workdir, preempt)
+  finally:
+    subprocess.run(["scancel", *urgent], check=False)
+
+  assert log.count("Starting with JobEnvironment") == 2, log[-3000:]
+  assert "point 0 lr=0.1: preempted" in log
+  assert "waiting for SLURM to requeue or end the job" in log and "Requeued job" not in log
+  assert_ends_where_the_uninterrupted_run_ends(os.path.join(workdir, "lr=0.1"), here_dir)
 
 
 @pytest.mark.slurm
@@ -245,3 +299,15 @@ def test_launching_again_while_the_array_is_queued_submits_nothing(slurm, tmp_pa
   assert sorted(i for i in queued if i.startswith(f"{job.job_id}_")) == [
       f"{job.job_id}_0", f"{job.job_id}_1"]
 
+
+@pytest.mark.slurm
+def test_job_sbatch_rejects_is_an_error_and_nothing_is_recorded(slurm, tmp_path):
+  del slurm
+  sweep_file = write_sweep_file(tmp_path / "sweep.py", tiny_sweep("/unused", [{"lr": 0.1}]))
+  out = sweep_command(f"--config={sweep_file}", f"--workdir={tmp_path / 'runs'}",
+                      "--launch=slurm", "--slurm_time=10", "--slurm_partition=nosuch")
+  assert out.returncode == 2, out.stderr
+  # sbatch's own lines, then ours.
+  assert "invalid partition specified: nosuch" in out.stderr
+  assert out.stderr.splitlines()[-1].startswith("error: sbatch refused the job: ")
+  assert not (tmp_path / "runs" / launch.JOB_FILE).exists()
