@@ -234,19 +234,19 @@ def submit_sweep(sweep_config: ml_collections.ConfigDict, workdir: str,
   """Submits the sweep's unfinished points as one job array; returns it, or None if every point
   is finished. A job recorded in `workdir` that is still queued or running is returned instead,
   and nothing is submitted."""
-  parameters = options.parameters()
+  executor = _executor(workdir, options)
   sweep = points.expand(sweep_config)
   live = live_job(workdir, "sweep")
   if live is not None:
     return live
-  os.makedirs(workdir, exist_ok=True)
-  points.save_sweep(sweep_config, workdir)  # The tasks read the sweep from here.
   todo = [p.index for p in sweep if not runner.is_finished(p.summary(workdir), p.config)]
   if not todo:
     print("every point is finished: nothing submitted", flush=True)
     return None
+  os.makedirs(workdir, exist_ok=True)
+  points.save_sweep(sweep_config, workdir)  # The tasks read the sweep from here.
   task = SweepTask(os.path.abspath(workdir))
-  job = _submit(workdir, parameters, lambda executor: executor.map_array(task, todo), todo)
+  job = _submit(workdir, lambda: executor.map_array(task, todo), todo)
   print(f"submitted {len(todo)} of {len(sweep)} points as SLURM job "
         f"{'array ' if job.array else ''}{job.job_id}; logs in {os.path.join(workdir, LOG_DIR)}",
         flush=True)
@@ -256,30 +256,36 @@ def submit_sweep(sweep_config: ml_collections.ConfigDict, workdir: str,
 def submit_run(config: ml_collections.ConfigDict, workdir: str, options: SlurmOptions) -> Job:
   """Submits one run (train.train_and_evaluate) as one job of nodes x tasks_per_node processes;
   a job recorded in `workdir` that is still queued or running is returned instead."""
-  parameters = options.parameters()
+  executor = _executor(workdir, options)
   config_lib.validate(config)  # What can be checked before the devices are known.
   live = live_job(workdir, "run")
   if live is not None:
     return live
+  os.makedirs(workdir, exist_ok=True)
   task = RunTask(config, os.path.abspath(workdir))
-  job = _submit(workdir, parameters, lambda executor: [executor.submit(task)], ())
+  job = _submit(workdir, lambda: [executor.submit(task)], ())
   print(f"submitted the run as SLURM job {job.job_id}; logs in "
         f"{os.path.join(workdir, LOG_DIR)}", flush=True)
   return job
 
 
-def _submit(workdir: str, parameters: dict,
-            submit: Callable[[submitit.SlurmExecutor], list[submitit.Job]],
-            indices: Sequence[int]) -> Job:
-  """`submit(executor)` with the job's parameters; records the job in `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
+def _executor(workdir: str, options: SlurmOptions) -> submitit.SlurmExecutor:
+  """submitit's executor for a job of `options` in `workdir`, which it does not write yet; raises
+  ConfigError for bad options, or where SLURM's commands are missing."""
+  parameters = options.parameters()
   try:
     executor = submitit.SlurmExecutor(folder=os.path.join(workdir, LOG_DIR, "%j"))
   except RuntimeError as e:  # No srun on PATH.
     raise config_lib.ConfigError(f"--launch=slurm needs SLURM's commands here: {e}") from None
   executor.update_parameters(job_name=os.path.basename(os.path.abspath(workdir)), **parameters)
+  return executor
+
+
+def _submit(workdir: str, submit: Callable[[], list[submitit.Job]],
+            indices: Sequence[int]) -> Job:
+  """`submit()`, then records the job in `workdir`."""
   try:
-    jobs = submit(executor)
+    jobs = submit()
   except (submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError) as e:
     # sbatch refused the job (an unknown partition or option): bad input, nothing was queued.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]

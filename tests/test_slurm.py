@@ -183,10 +183,13 @@ def uninterrupted(slurm, prepared_data_dir, tmp_path_factory):
   return sweep_config, os.path.join(here, "lr=0.1")
 
 
-def interrupted(sweep_config: ml_collections.ConfigDict, workdir: str,
-                interrupt) -> tuple[launch.Job, str]:
-  """Submits the sweep, calls `interrupt(job)` once its point has trained 2 steps, and follows
-  the job to its end: (the job, its task's log)."""
+def run_interrupted(uninterrupted, tmp_path, jobs: list[str], interrupt) -> tuple[launch.Job, str]:
+  """Submits the uninterrupted run's sweep, calls `interrupt(job)` once its point has trained 2
+  steps, follows the job to its end and checks that the point ended bitwise where the
+  uninterrupted run did: (the job, its task's log)."""
+  sweep_config, here_dir = uninterrupted
+  workdir = str(tmp_path / "slurm")
+  jobs.append(workdir)
   job = launch.submit_sweep(sweep_config, workdir, launch.SlurmOptions(time="10"))
   point_dir = os.path.join(workdir, "lr=0.1")
   deadline = time.time() + 300
@@ -195,15 +198,13 @@ def interrupted(sweep_config: ml_collections.ConfigDict, workdir: str,
     time.sleep(0.05)
   interrupt(job)
   launch.wait_sweep(sweep_config, workdir, job, poll_s=1)
-  return job, task_log(workdir, job)
 
-
-def assert_ends_where_the_uninterrupted_run_ends(point_dir: str, here_dir: str) -> None:
   done, here = reporting.Summary.read(point_dir), reporting.Summary.read(here_dir)
   assert done.status == "completed" and done.step == 50
   assert (done.train_loss, done.test_error) == (here.train_loss, here.test_error)
   assert multihost.max_abs_difference(multihost.params(point_dir, 50),
                                       multihost.params(here_dir, 50)) == 0.0
+  return job, task_log(workdir, job)
 
 
 @pytest.mark.slurm
@@ -213,15 +214,11 @@ def test_task_signalled_before_its_time_limit_checkpoints_requeues_and_ends_bitw
   # SLURM sends submitit's USR2 --slurm_signal_delay_s before the time limit; scancel sends it
   # now. The run stops at a step boundary, checkpointed and preempted; submitit requeues the
   # job, and its second start resumes the point to where an uninterrupted run ends.
-  sweep_config, here_dir = uninterrupted
-  workdir = str(tmp_path / "slurm")
-  jobs.append(workdir)
-  job, log = interrupted(sweep_config, workdir, lambda job: subprocess.run(
+  job, log = run_interrupted(uninterrupted, tmp_path, jobs, lambda job: subprocess.run(
       ["scancel", "--signal=USR2", job.task_id()], check=True))
 
   assert log.count("Starting with JobEnvironment") == 2, log[-3000:]
   assert "point 0 lr=0.1: preempted" in log and f"Requeued job {job.task_id()}" in log
-  assert_ends_where_the_uninterrupted_run_ends(os.path.join(workdir, "lr=0.1"), here_dir)
 
 
 @pytest.mark.slurm
@@ -229,10 +226,7 @@ def test_task_signalled_before_its_time_limit_checkpoints_requeues_and_ends_bitw
 def test_task_slurm_preempts_checkpoints_is_requeued_by_slurm_and_ends_bitwise(
     uninterrupted, tmp_path, jobs):
   # A job in the local cluster's "urgent" partition that needs every CPU preempts the point's:
-  # SIGTERM, then SIGKILL after the partition's GraceTime, and SLURM requeues it.
-  sweep_config, here_dir = uninterrupted
-  workdir = str(tmp_path / "slurm")
-  jobs.append(workdir)
+  # SIGTERM, then SIGKILL after KillWait (the partition has no GraceTime); SLURM requeues it.
   cpus = subprocess.run(["sinfo", "--noheader", "--partition=urgent", "--format=%c"],
                         capture_output=True, text=True, check=True).stdout.split()[0]
   urgent = []
@@ -245,14 +239,13 @@ def test_task_slurm_preempts_checkpoints_is_requeued_by_slurm_and_ends_bitwise(
         capture_output=True, text=True, check=True).stdout.strip())
 
   try:
-    job, log = interrupted(sweep_config, workdir, preempt)
+    _, log = run_interrupted(uninterrupted, tmp_path, jobs, preempt)
   finally:
     subprocess.run(["scancel", *urgent], check=False)
 
   assert log.count("Starting with JobEnvironment") == 2, log[-3000:]
   assert "point 0 lr=0.1: preempted" in log
   assert "waiting for SLURM to requeue or end the job" in log and "Requeued job" not in log
-  assert_ends_where_the_uninterrupted_run_ends(os.path.join(workdir, "lr=0.1"), here_dir)
 
 
 @pytest.mark.slurm
