@@ -15,8 +15,8 @@ checkpoints, records `preempted`), then hands USR2 to submitit's handler, which 
 resumes its point from the checkpoint. `scancel --signal=USR2` takes the same path. A SIGTERM
 alone (SLURM preempting the job, or scancel) stops the run the same way, and the task then waits
 for SLURM to end it: SLURM requeues a preempted job itself (PreemptMode=REQUEUE) when it kills
-it, and a cancelled job stays cancelled. A point that fails or diverges is recorded
-and its task ends.
+it, and a cancelled job stays cancelled. A point that fails or diverges is recorded and its task
+ends.
 
 State comes from `squeue` and the points' own summary.json, not from `sacct`: a cluster without
 accounting storage (slurmdbd) has no sacct, and submitit's job states then read UNKNOWN; a point's
@@ -49,26 +49,6 @@ from resnet_jax import parallel, points, reporting, results, runner
 JOB_FILE = "slurm_job.json"  # In the workdir: the submitted job's id and the points it runs.
 LOG_DIR = "slurm"  # In the workdir: submitit's job scripts, pickled tasks and task logs.
 POLL_S = 5.0  # How often --wait asks squeue.
-
-_LAUNCH = flags.DEFINE_enum("launch", "local", ["local", "slurm"],
-                            "Where to run: here, or submitted to SLURM (the --slurm_* flags).")
-_WAIT = flags.DEFINE_bool("wait", False, "With --launch=slurm: follow the job until it ends.")
-_PARTITION = flags.DEFINE_string("slurm_partition", None, "sbatch --partition.")
-_ACCOUNT = flags.DEFINE_string("slurm_account", None, "sbatch --account.")
-_TIME = flags.DEFINE_string("slurm_time", "1:00:00",
-                            "Time limit per task: minutes or [days-]hours:minutes:seconds.")
-_GPUS = flags.DEFINE_integer("slurm_gpus_per_task", 0, "GPUs per task (process).")
-_CPUS = flags.DEFINE_integer("slurm_cpus_per_task", 1, "CPUs per task (process).")
-_NODES = flags.DEFINE_integer("slurm_nodes", 1, "Nodes per run (per point of a sweep).")
-_TASKS = flags.DEFINE_integer("slurm_tasks_per_node", 1,
-                              "Processes per node: one per GPU, or several on CPUs.")
-_ARRAY_PARALLELISM = flags.DEFINE_integer("slurm_array_parallelism", 256,
-                                          "Points of a sweep running at once, at most.")
-_SIGNAL_DELAY_S = flags.DEFINE_integer(
-    "slurm_signal_delay_s", 120, "Seconds before the time limit at which a task is told to "
-    "checkpoint and requeue: longer than a step and a checkpoint take.")
-_SBATCH = flags.DEFINE_multi_string("slurm_sbatch", [],
-                                    "Any other sbatch option, as key=value or key (qos=high).")
 
 # sbatch options the launcher sets itself, or that have a flag of their own.
 _OWN_OPTIONS = {"array": None, "signal": "--slurm_signal_delay_s", "output": None,
@@ -129,6 +109,37 @@ class SlurmOptions:
     return params
 
 
+_LAUNCH = flags.DEFINE_enum("launch", "local", ["local", "slurm"],
+                            "Where to run: here, or submitted to SLURM (the --slurm_* flags).")
+_WAIT = flags.DEFINE_bool("wait", False, "With --launch=slurm: follow the job until it ends.")
+# SlurmOptions' fields as flags --slurm_<field>, with its defaults.
+_OPTION_FLAGS = {
+    "partition": flags.DEFINE_string("slurm_partition", None, "sbatch --partition."),
+    "account": flags.DEFINE_string("slurm_account", None, "sbatch --account."),
+    "time": flags.DEFINE_string(
+        "slurm_time", SlurmOptions.time,
+        "Time limit per task: minutes or [days-]hours:minutes:seconds."),
+    "gpus_per_task": flags.DEFINE_integer(
+        "slurm_gpus_per_task", SlurmOptions.gpus_per_task, "GPUs per task (process)."),
+    "cpus_per_task": flags.DEFINE_integer(
+        "slurm_cpus_per_task", SlurmOptions.cpus_per_task, "CPUs per task (process)."),
+    "nodes": flags.DEFINE_integer(
+        "slurm_nodes", SlurmOptions.nodes, "Nodes per run (per point of a sweep)."),
+    "tasks_per_node": flags.DEFINE_integer(
+        "slurm_tasks_per_node", SlurmOptions.tasks_per_node,
+        "Processes per node: one per GPU, or several on CPUs."),
+    "array_parallelism": flags.DEFINE_integer(
+        "slurm_array_parallelism", SlurmOptions.array_parallelism,
+        "Points of a sweep running at once, at most."),
+    "signal_delay_s": flags.DEFINE_integer(
+        "slurm_signal_delay_s", SlurmOptions.signal_delay_s,
+        "Seconds before the time limit at which a task is told to checkpoint and requeue: "
+        "longer than a step and a checkpoint take."),
+    "sbatch": flags.DEFINE_multi_string(
+        "slurm_sbatch", [], "Any other sbatch option, as key=value or key (qos=high)."),
+}
+
+
 def time_minutes(text: str) -> int:
   """sbatch's --time forms (90, 1:30:00, 2-12:00:00) -> whole minutes, rounded up."""
   for form in _TIME_FORMS:
@@ -151,11 +162,8 @@ def requested() -> bool:
 
 def options_from_flags() -> SlurmOptions:
   """The --slurm_* flags, checked (ConfigError); --wait is read by the commands themselves."""
-  options = SlurmOptions(partition=_PARTITION.value, account=_ACCOUNT.value, time=_TIME.value,
-                         gpus_per_task=_GPUS.value, cpus_per_task=_CPUS.value,
-                         nodes=_NODES.value, tasks_per_node=_TASKS.value,
-                         array_parallelism=_ARRAY_PARALLELISM.value,
-                         signal_delay_s=_SIGNAL_DELAY_S.value, sbatch=tuple(_SBATCH.value))
+  values = {field: holder.value for field, holder in _OPTION_FLAGS.items()}
+  options = SlurmOptions(**{**values, "sbatch": tuple(values["sbatch"])})
   options.parameters()
   return options
 
@@ -166,9 +174,7 @@ def wait_requested() -> bool:
 
 def check_local() -> None:
   """Without --launch=slurm, the --slurm_* flags and --wait would be silently ignored: refused."""
-  given = [f"--{holder.name}" for holder in (_WAIT, _PARTITION, _ACCOUNT, _TIME, _GPUS, _CPUS,
-                                              _NODES, _TASKS, _ARRAY_PARALLELISM,
-                                              _SIGNAL_DELAY_S, _SBATCH) if holder.present]
+  given = [f"--{holder.name}" for holder in (_WAIT, *_OPTION_FLAGS.values()) if holder.present]
   if given:
     raise config_lib.ConfigError(f"{', '.join(given)} only apply with --launch=slurm")
 
@@ -328,13 +334,14 @@ def _task(run):
     status = run()
     if status == reporting.PREEMPTED:
       if warning.received:
-        warning.requeue()
-      # SIGTERM alone: SLURM preempting the job, or scancel. SLURM requeues a job it preempts
-      # only if the job is still running when SLURM kills it (one that exits first is recorded
-      # COMPLETED), so the task stays, checkpointed, until then: requeued if preempted, gone if
-      # cancelled. SLURM always follows SIGTERM with SIGKILL.
-      print("stopped by SIGTERM, checkpointed: waiting for SLURM to requeue or end the job",
-            flush=True)
+        warning.requeue()  # Task 0 requeues the job and exits; the others are ended with it.
+      else:
+        # SIGTERM alone: SLURM preempting the job, or scancel. SLURM requeues a job it preempts
+        # only if the job is still running when SLURM kills it (one that exits first is
+        # recorded COMPLETED), so the task stays, checkpointed, until then: requeued if
+        # preempted, gone if cancelled. SLURM always follows SIGTERM with SIGKILL.
+        print("stopped by SIGTERM, checkpointed: waiting for SLURM to requeue or end the job",
+              flush=True)
       while True:
         time.sleep(60)
   return status
