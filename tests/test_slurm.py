@@ -18,7 +18,7 @@ import ml_collections
 import multihost
 import pytest
 
-from resnet_jax import launch, reporting, runner
+from resnet_jax import launch, points, reporting, runner
 
 REPO = multihost.REPO
 LOCAL_CONF = os.path.join(os.environ.get("RESNET_JAX_SLURM_DIR", "/tmp/resnet_jax_slurm"),
@@ -121,6 +121,18 @@ def test_slurm_flags_without_launch_are_refused(tmp_path):
   out = sweep_command(f"--workdir={tmp_path}", "--report", "--slurm_time=10")
   assert out.returncode == 2
   assert "error: --slurm_time only apply with --launch=slurm" in out.stderr
+
+
+def test_task_whose_point_is_finished_returns_at_once(tmp_path):
+  sweep_config = tiny_sweep("/unused", [{"lr": 0.1}])
+  points.save_sweep(sweep_config, str(tmp_path))
+  point_dir = tmp_path / "lr=0.1"
+  point_dir.mkdir()
+  reporting.Summary.failed("finished", status="completed", step=4).write(str(point_dir))
+
+  assert launch.SweepTask(str(tmp_path))(0) == "completed"
+  assert sorted(os.listdir(tmp_path)) == ["lr=0.1", "sweep.json"]  # Nothing run, nothing written.
+  assert os.listdir(point_dir) == ["summary.json"]
 
 
 # --- Against the scheduler ---
