@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
     rows = runner.run_sweep(sweep_config, workdir, point_index=point_index,
                             parallel=_PARALLEL.value, devices=_DEVICES.value,
                             lock_timeout_s=_LOCK_TIMEOUT_S.value, pack=_PACK.value)
-  if point_index is not None:  # A worker or array task: its point's outcome is the code.
+  if point_index is not None:  # A worker process: its point's outcome is the code.
     return (cli.EXIT_PREEMPTED if rows[point_index]["status"] == reporting.PREEMPTED
             else cli.EXIT_OK)
   print(results.format_table(rows))
