@@ -4,6 +4,9 @@ Parses flags and calls `train.train_and_evaluate`; nothing else lives here. Any 
 be overridden (`--config.optimizer.lr=0.05`); the config is locked, so unknown fields and wrong
 types are rejected before any work starts. Bad input is one line `error: ...` and exit code 2;
 a run stopped by SIGTERM or Ctrl-C checkpoints and exits with 75 (see resnet_jax/cli.py).
+
+`--launch=slurm` submits the run to SLURM instead (resnet_jax/launch.py: the --slurm_* flags),
+as one process per task; `--wait` waits for it and ends as a run here would.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import sys
 
 from absl import flags
 
-from resnet_jax import cli, parallel, reporting
+from resnet_jax import cli, launch, parallel, reporting
 
 _CONFIG = cli.define_config_file("config", "configs/fashion_mnist.py",
                                  "Config file, optionally with :args.")
@@ -26,10 +29,22 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 def main(argv: list[str]) -> int:
   del argv  # cli.run refuses positional arguments.
-  config = cli.load_config(_CONFIG)
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from resnet_jax import train  # After distributed set-up: it must precede any JAX computation.
-  summary = train.train_and_evaluate(config, _WORKDIR.value)
+  if launch.requested():
+    if _COORDINATOR.present or _NUM_PROCESSES.present or _PROCESS_ID.present:
+      cli.fail("--coordinator_address, --num_processes and --process_id are for processes "
+               "started by hand; under --launch=slurm each task finds its peers from SLURM's "
+               "environment (--slurm_nodes, --slurm_tasks_per_node)")
+    options = launch.options_from_flags()
+    job = launch.submit_run(cli.load_config(_CONFIG), _WORKDIR.value, options)
+    if not launch.wait_requested():
+      return cli.EXIT_OK
+    summary = launch.wait_run(_WORKDIR.value, job)
+  else:
+    launch.check_local()
+    config = cli.load_config(_CONFIG)
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from resnet_jax import train  # After distributed set-up: it must precede any JAX computation.
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
   if summary.status == reporting.PREEMPTED:
     print(f"run preempted: {summary.message}", file=sys.stderr)
     return cli.EXIT_PREEMPTED

@@ -28,11 +28,13 @@ def initialize_distributed(coordinator_address: str | None = None,
   """Joins a multi-process run when launched as one (flags, or a cluster's environment).
 
   With no arguments, JAX's own cluster detection (SLURM, TPU pods, Open MPI, ...) decides; a
-  single process started by hand stays single. On CPU the processes talk through gloo.
+  single process started by hand stays single, and so does a SLURM job step of one task (each
+  task of a sweep's array), which has no peers to find. On CPU the processes talk through gloo.
   """
   explicit = num_processes is not None and num_processes > 1
-  detected = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                                           "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
+  detected = (any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE",
+                                            "TPU_WORKER_HOSTNAMES"))
+              or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1)
   if not (explicit or detected):
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -136,15 +136,19 @@ def _run_here(todo: list[points.Point], workdir: str, run_fn: RunFn | None,
               lock_timeout_s: float, population: int) -> None:
   """Runs the points in this process, one run or one population of up to `population` at a
   time, until all have run or one is preempted."""
-  trainers = None
+  trainers, synced = None, False
   if run_fn is None:
-    from resnet_jax import compilation, trainer  # Late: --list and --report never train.
+    import jax  # Late: --list and --report never train.
+    from resnet_jax import compilation, trainer
+    # A point of several processes (a multi-task SLURM array task) leaves SIGTERM to JAX's
+    # preemption service, as its run does, so that every process stops at the same step.
+    synced = jax.process_count() > 1
     compilation.use_cache(workdir)
     trainers = trainer.Cache()
     run_fn = functools.partial(_train_and_evaluate, lock_timeout_s=lock_timeout_s,
                                trainers=trainers)
   groups = _populations(todo, population) if population > 1 else [[p] for p in todo]
-  with preemption.StopRequest() as stop:
+  with preemption.StopRequest(synced=synced) as stop:
     for group in groups:
       if stop.requested(0):
         break
@@ -255,10 +259,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _clear_summary(point_dir: str) -> None:
-  """A point about to run must not show the summary of its previous run."""
-  path = os.path.join(point_dir, reporting.SUMMARY_FILE)
-  if os.path.exists(path):
-    os.remove(path)
+  """A point about to run must not show the summary of its previous run. The processes of a
+  multi-process point all clear it, so another may have removed it first."""
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(point_dir, reporting.SUMMARY_FILE))
 
 
 # --- Worker processes ---

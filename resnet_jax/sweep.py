@@ -31,21 +31,19 @@ Commands (`--config` may be left out once the workdir holds the sweep, in sweep.
       (Linux), so a sweep killed with -9 leaves no worker training. A whole sweep locks its
       workdir (resnet_jax/lock.py): a second one there is refused.
   ... --list             Prints "index name", one line per point; runs nothing.
-  ... --point_index=i    Runs point i only: one task of a cluster job array (exit code 75 if it
-                         was preempted, so that the scheduler can requeue it).
+  ... --point_index=i    Runs point i only (a worker process; exit code 75 if it was preempted).
   ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table.
   ... --plot             As --report, and writes the figures (resnet_jax/plots.py).
+  ... --launch=slurm [--slurm_time=4:00:00 --slurm_gpus_per_task=1 ...] [--wait]
+                         Submits the unfinished points to SLURM as one job array, one point a
+                         task (resnet_jax/launch.py; README, "Running on a cluster"). Launching
+                         again while that array is queued or running submits nothing; --wait
+                         follows it (done / running / pending / preempted / failed) and ends
+                         with results.csv and the table, as above.
 From Python, `runner.run_sweep(sweep_config, workdir)` does what the first command does and
-returns the results table, one dict per point (resnet_jax/results.py).
-
-A SLURM job array, one point per task, no code changes:
-  SWEEP="--config=configs/sweeps/ablation_cifar10.py --workdir=runs/ablation_cifar10"
-  N=$(python -m resnet_jax.sweep $SWEEP --list | wc -l)
-  sbatch --array=0-$((N - 1)) --gres=gpu:1 \\
-      --wrap="python -m resnet_jax.sweep $SWEEP --point_index=\\$SLURM_ARRAY_TASK_ID"
-  python -m resnet_jax.sweep $SWEEP --report --plot       # once the array has finished
-A task that is requeued resumes its point; one that finds its point finished does nothing.
-SLURM sends SIGTERM to a task it preempts or times out: the task checkpoints and exits with 75.
+returns the results table, one dict per point (resnet_jax/results.py);
+`launch.submit_sweep(sweep_config, workdir, launch.SlurmOptions(...))` and `launch.wait_sweep`
+what --launch=slurm --wait does.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ import sys
 
 from absl import flags
 
-from resnet_jax import cli, plots, points, reporting, results, runner
+from resnet_jax import cli, launch, plots, points, reporting, results, runner
 
 _CONFIG = cli.define_config_file(
     "config", None, "The sweep file, configs/sweeps/<name>.py; may be left out once the "
@@ -76,6 +74,16 @@ _LOCK_TIMEOUT_S = flags.DEFINE_float(
 def main(argv: list[str]) -> int:
   del argv  # cli.run refuses positional arguments.
   workdir, point_index = _WORKDIR.value, _POINT_INDEX.value
+  options = None
+  if launch.requested():
+    local = [f"--{f.name}" for f in (_LIST, _POINT_INDEX, _PARALLEL, _DEVICES, _PACK, _REPORT,
+                                     _PLOT) if f.present]
+    if local:
+      cli.fail(f"{', '.join(local)} cannot be combined with --launch=slurm: each array task "
+               "runs one point; --list, --report and --plot read the workdir")
+    options = launch.options_from_flags()
+  else:
+    launch.check_local()
   if point_index is not None:
     runner.stop_with_parent()
   sweep_config = (cli.load_config(_CONFIG) if _CONFIG.present else points.load_sweep(workdir))
@@ -84,13 +92,18 @@ def main(argv: list[str]) -> int:
     for point in sweep:
       print(point.index, point.name)
     return cli.EXIT_OK
-  if _REPORT.value or _PLOT.value:
+  if launch.requested():
+    job = launch.submit_sweep(sweep_config, workdir, options)
+    if not launch.wait_requested():
+      return cli.EXIT_OK
+    rows = launch.wait_sweep(sweep_config, workdir, job)
+  elif _REPORT.value or _PLOT.value:
     rows = results.write_results(sweep, workdir)
   else:
     rows = runner.run_sweep(sweep_config, workdir, point_index=point_index,
                             parallel=_PARALLEL.value, devices=_DEVICES.value,
                             lock_timeout_s=_LOCK_TIMEOUT_S.value, pack=_PACK.value)
-  if point_index is not None:  # A worker or array task: its point's outcome is the code.
+  if point_index is not None:  # A worker process: its point's outcome is the code.
     return (cli.EXIT_PREEMPTED if rows[point_index]["status"] == reporting.PREEMPTED
             else cli.EXIT_OK)
   print(results.format_table(rows))
