@@ -12,13 +12,14 @@ variables when it is imported; pytest imports this file before any test module, 
 A cached executable is the program a fresh compilation makes, so bitwise comparisons hold.
 """
 
+import fcntl
 import os
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".pytest_cache", "xla"))
 # Orbax's saves compile dozens of small programs too; they are worth caching here.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
@@ -32,16 +33,19 @@ flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session")
-def prepared_data_dir(tmp_path_factory) -> str:
-  """A TFDS data_dir holding fashion_mnist, prepared once per session from Debian's files.
-
-  Takes 10-20 s on two CPU cores; every test that needs real data shares it.
-  """
+def prepared_data_dir() -> str:
+  """A TFDS data_dir holding fashion_mnist, prepared from Debian's files once for every test
+  process, worker and later session (beside the compilation cache): preparing takes 10-20 s on
+  two CPU cores, and a prepared dataset is never written again (prepare.prepare returns it as it
+  is). The first worker to arrive prepares it; the others wait on a lock."""
   from resnet_jax import prepare  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(prepare.DEBIAN_FASHION_MNIST_DIR):
     pytest.skip("needs Fashion-MNIST's files: apt-get install dataset-fashion-mnist")
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  prepare.prepare("fashion_mnist", data_dir=data_dir)
+  data_dir = os.path.join(_REPO, ".pytest_cache", "tfds")
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, "lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    prepare.prepare("fashion_mnist", data_dir=data_dir)
   return data_dir
 
 

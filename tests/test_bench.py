@@ -46,6 +46,7 @@ def test_model_args_are_typed_by_the_config_fields_they_set():
     bench.parse_model_args("no_such_field=1")
 
 
+@pytest.mark.slow
 def test_worker_measures_with_the_knobs_given_and_records_each(tmp_path):
   # The first test's network and batch: zero_init_residual changes the initial parameters, not
   # the train program, which conftest's cache then holds.

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_faults import REPO, cli_args
 
 
+@pytest.mark.slow
 def test_resumed_run_compiles_nothing_new(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   cache = os.path.join(workdir, "xla_cache")

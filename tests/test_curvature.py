@@ -206,6 +206,7 @@ def test_a_streamed_run_with_an_instrument_is_refused_before_its_workdir_exists(
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_instruments_record_at_their_steps_and_a_resumed_run_records_the_same(
     prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")

@@ -99,6 +99,7 @@ def straight_run(prepared_data_dir, tmp_path_factory) -> str:
 
 # --- Preemption ---
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_bitwise(
     prepared_data_dir, straight_run, tmp_path):
   workdir = str(tmp_path / "run")
@@ -121,6 +122,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_bitwise(
   assert_same_state(workdir, straight_run)
 
 
+@pytest.mark.slow
 def test_sigint_stops_the_same_way_in_process(prepared_data_dir, tmp_path, monkeypatch):
   # Ctrl-C in a notebook or terminal: the first one asks the loop to stop after its step.
   workdir = str(tmp_path / "run")
@@ -139,6 +141,7 @@ def test_sigint_stops_the_same_way_in_process(prepared_data_dir, tmp_path, monke
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_async_save_resumes_bitwise(prepared_data_dir, straight_run, tmp_path):
   workdir = str(tmp_path / "run")
   run = start(prepared_data_dir, workdir, checkpoint_every=1)
@@ -183,6 +186,7 @@ def corrupt_newest(workdir: str, how: str) -> str:
   return step_dir
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
     prepared_data_dir, straight_run, tmp_path, capsys):
   workdir = str(tmp_path / "run")
@@ -224,6 +228,7 @@ def test_verify_finds_a_changed_byte_a_truncated_file_and_a_missing_one(
   assert problem in checkpoints.verify(step_dir)
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_is_one_clear_error_and_deletes_nothing(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
@@ -247,6 +252,7 @@ def snapshot(workdir: str) -> dict[str, str]:
   return out
 
 
+@pytest.mark.slow
 def test_rerunning_a_completed_run_changes_nothing(prepared_data_dir, straight_run, tmp_path):
   before = snapshot(straight_run)
   result = subprocess.run(cli_args(prepared_data_dir, straight_run), cwd=REPO,
@@ -256,6 +262,7 @@ def test_rerunning_a_completed_run_changes_nothing(prepared_data_dir, straight_r
   assert snapshot(straight_run) == before
 
 
+@pytest.mark.slow
 def test_summary_lost_after_the_final_checkpoint_is_rebuilt_from_the_records(
     prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
@@ -268,6 +275,7 @@ def test_summary_lost_after_the_final_checkpoint_is_rebuilt_from_the_records(
   assert [e["event"] for e in reporting.read_metrics(workdir)] == ["train"] * 3 + ["eval"]
 
 
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_dropped_and_the_clock_runs_on(
     prepared_data_dir, tmp_path, capsys):
   workdir = str(tmp_path / "run")
@@ -340,6 +348,7 @@ def small_disk(tmp_path):
     yield mount
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_error_a_failed_summary_and_resumes_once_space_is_back(
     prepared_data_dir, straight_run, small_disk):
   workdir = str(small_disk / "run")

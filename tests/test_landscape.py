@@ -74,6 +74,7 @@ def assert_evaluates_as_directly(run_dir):
   return check
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_or_bias_part(
     run_dir):
@@ -99,6 +100,7 @@ def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_
                                                   jax.tree.leaves(again)))
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
                                                           assert_evaluates_as_directly):
@@ -109,6 +111,7 @@ def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
   assert np.all(np.delete(computed.surface_loss.ravel(), 4) != computed.surface_loss[1, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_line_runs_from_the_initial_network_to_the_checkpoint(run_dir, computed,
                                                               assert_evaluates_as_directly):
@@ -129,6 +132,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_landscape_and_compare_draws_two_runs(run_dir, tmp_path):
   out = run_cli(f"--workdir={run_dir}", "--step=2", "--grid=3", "--examples=16")
   assert out.returncode == 0, out.stderr

@@ -364,6 +364,7 @@ def conv_runs(request):
           "bound": bound_for(int(np.prod(shape[:3])))}
 
 
+@pytest.mark.slow
 def test_im2col_net_has_the_xla_nets_variables(conv_runs):
   shapes = jax.eval_shape(functools.partial(conv_runs["model"].init, train=False),
                           jax.random.key(1), conv_runs["x"])
@@ -371,6 +372,7 @@ def test_im2col_net_has_the_xla_nets_variables(conv_runs):
       lambda a: (a.shape, a.dtype), conv_runs["variables"])
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("output", [0, 1], ids=["logits", "grads"])
 def test_im2col_net_equals_xla_net_within_rounding(conv_runs, output):
@@ -379,6 +381,7 @@ def test_im2col_net_equals_xla_net_within_rounding(conv_runs, output):
   assert rounding_ratio(im2col_out, xla, reordered, exact) <= conv_runs["bound"]
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize("conv_runs", ["tiny_imagenet"], indirect=True)  # The faster to compile.
 def test_vmapped_im2col_members_equal_their_own_unbatched_nets(conv_runs):

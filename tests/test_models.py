@@ -62,7 +62,8 @@ def resnet20_variables():
 
 # He et al. 2016, Table 6, as printed: 2 decimals below 1M parameters, 1 above.
 @pytest.mark.parametrize("depth, millions", [
-    (20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7), (1202, 19.4)])
+    (20, 0.27), (32, 0.46), (44, 0.66), (56, 0.85), (110, 1.7),
+    pytest.param(1202, 19.4, marks=pytest.mark.slow)])
 def test_cifar_option_a_parameter_count_matches_paper_table_6(depth, millions):
   count = param_count(get_model(f"resnet{depth}", num_classes=10, shortcut="A"))
   assert round(count / 1e6, 2 if count < 1e6 else 1) == millions

@@ -21,6 +21,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_two_processes_train_like_one_process_with_the_same_devices(prepared_data_dir, tmp_path):
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
@@ -35,6 +36,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(prepared_dat
   multihost.assert_trains_like_one_process(single, multi)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_checkpointed_step(
     prepared_data_dir, tmp_path):
   # A cluster may take one host first: JAX's preemption service tells the others, and all

@@ -59,6 +59,7 @@ def packed(prepared_data_dir, tmp_path_factory) -> list[str]:
   return workdirs
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_each_member_ends_where_its_separate_run_ends(separate, packed):
   for i, (alone, together) in enumerate(zip(separate, packed)):
@@ -84,6 +85,7 @@ def test_each_member_ends_where_its_separate_run_ends(separate, packed):
     np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_killed_population_resumes_exactly(prepared_data_dir, packed, tmp_path, monkeypatch):
   workdirs = [str(tmp_path / str(i)) for i in range(len(POINTS))]
   real_save = checkpoints.Saver.save

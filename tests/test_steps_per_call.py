@@ -49,6 +49,7 @@ def _max_diff(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_k_steps_in_one_call_are_bitwise_k_calls_of_one_and_near_the_one_step_program():
   batches = _batches(3)
@@ -104,6 +105,7 @@ def test_calls_end_where_the_loop_has_work():
   assert train.call_length(config, 4, 3, first_step=0) == 3
 
 
+@pytest.mark.slow
 def test_run_of_several_steps_per_call_resumes_bitwise_from_a_step_inside_a_call(
     prepared_data_dir, tmp_path):
   overrides = {"num_steps": 12, "log_every": 5, "checkpoint_every": 0, "steps_per_call": 4,

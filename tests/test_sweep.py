@@ -338,6 +338,7 @@ def test_report_reprints_a_finished_sweep_from_its_workdir_alone(tmp_path):
   assert (tmp_path / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_killed_parallel_sweep_leaves_no_worker_training(prepared_data_dir, tmp_path):
   # kill -9 of the parent: its workers get SIGTERM from the kernel and stop, checkpointed.
   sweep_file = tmp_path / "sweep.py"
@@ -388,6 +389,7 @@ def test_bad_sweep_file_fails_with_its_message(tmp_path):
 
 # --- End to end ---
 
+@pytest.mark.slow
 def test_real_tiny_sweep_records_results_diagnostics_and_divergence(prepared_data_dir, tmp_path):
   tiny = {"dataset": {"data_dir": prepared_data_dir, "eval_split": "test[:64]"},
           "batch_size": 16, "eval_batch_size": 32, "num_steps": 4, "log_every": 2,
@@ -414,6 +416,7 @@ TINY_LR_SWEEP = {"batch_size": 16, "eval_batch_size": 32, "num_steps": 2, "log_e
                  "optimizer": {"warmup_steps": 0}}
 
 
+@pytest.mark.slow
 def test_points_differing_only_in_lr_compile_once(prepared_data_dir, tmp_path, capsys):
   fixed = {**TINY_LR_SWEEP, "dataset": {"data_dir": prepared_data_dir, "eval_split": "test[:64]"}}
   rows = runner.run_sweep(make_sweep(points.axis("lr", [0.05, 0.1, 0.2]), fixed=fixed),

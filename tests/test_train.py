@@ -134,6 +134,7 @@ def _run_steps(devices, config, batches):
   return history
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
   config = config_lib.default_config()
@@ -157,6 +158,7 @@ def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
   assert max_diff(stats_2, stats_8) < 0.005 * max_diff(stats_1, stats_2)
 
 
+@pytest.mark.slow
 def test_streamed_imagenet_run_resumes_its_grain_iterator_exactly(tmp_path, monkeypatch):
   # TFDS's mock serves imagenet2012 records (random JPEG-sized images, 1000 classes) through
   # tfds.data_source; its metadata is not mocked, so the two metadata reads are stubbed here.
@@ -226,6 +228,7 @@ def test_train_step_is_the_same_program_with_instruments_on_or_off():
   assert with_instruments == plain
 
 
+@pytest.mark.slow
 def test_bfloat16_run_trains_and_writes_the_requested_profile(prepared_data_dir, tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(prepared_data_dir, num_steps=4, profile_steps=2,
