@@ -67,6 +67,7 @@ class TinyNet(nn.Module):
     return nn.Dense(3)(jnp.tanh(x))
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_hessian_vector_product_matches_central_differences_of_the_gradient():
   rng = np.random.default_rng(0)

@@ -297,6 +297,7 @@ def test_torn_last_metrics_line_is_dropped_and_the_clock_runs_on(
 
 # --- One writer per workdir ---
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_holder(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   with lock.WorkdirLock(workdir):
@@ -310,6 +311,7 @@ def test_second_writer_is_refused_naming_the_holder(prepared_data_dir, tmp_path)
   assert os.listdir(workdir) == []
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_process_does_not_block_the_resume(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   holder = subprocess.Popen([sys.executable, "-c", (
@@ -377,7 +379,9 @@ def config_files(tmp_path_factory):
   return root
 
 
-@pytest.mark.parametrize("flags, message", [
+# Each case is a process of its own (the exit code is the point); four of them, one per kind
+# (file, field, value, workdir), are in the quick tier.
+BAD_INPUT = [
     (["--config=configs/nope.py"], "config file configs/nope.py not found"),
     (["--config={files}/syntax.py"], "config file {files}/syntax.py line 1: invalid syntax"),
     (["--config={files}/empty.py"], "config file {files}/empty.py has no get_config() function"),
@@ -397,7 +401,13 @@ def config_files(tmp_path_factory):
     (["--workdir={files}/afile"], "workdir {files}/afile is a file, not a directory"),
     (["--bogus"], "Unknown command line flag 'bogus'"),
     (["stray"], "unexpected arguments: stray"),
-])
+]
+QUICK_BAD_INPUT = (0, 4, 7, 11)
+
+
+@pytest.mark.parametrize("flags, message", [
+    case if i in QUICK_BAD_INPUT else pytest.param(*case, marks=pytest.mark.slow)
+    for i, case in enumerate(BAD_INPUT)])
 def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
     prepared_data_dir, config_files, tmp_path, flags, message):
   workdir = tmp_path / "run"
@@ -412,6 +422,7 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_read_only_workdir_is_refused(prepared_data_dir, tmp_path):
   with tmpfs(tmp_path / "ro", "ro,size=1m") as read_only:
     for workdir, why in ((read_only, "is not writable"), (read_only / "run", "cannot be created")):

@@ -119,6 +119,7 @@ def test_configs_that_need_other_programs_are_refused_with_the_reason(prepared_d
   assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_a_frozen_member_keeps_its_state_while_the_others_train(prepared_data_dir):
   # The fixtures' own configs and population size: the program is the one they compiled.
   configs = [train.prepare(c)[0] for c in _configs(prepared_data_dir)]
