@@ -134,11 +134,17 @@ def test_sigint_stops_the_same_way_in_process(prepared_data_dir, tmp_path, monke
       os.kill(os.getpid(), signal.SIGINT)
 
   monkeypatch.setattr(checkpoints.Saver, "save", save_then_interrupt)
-  summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+  # A terminal's handler (pytest-xdist's workers ignore SIGINT).
+  worker_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir)
+    restored = signal.getsignal(signal.SIGINT)
+  finally:
+    signal.signal(signal.SIGINT, worker_handler)
   assert summary.status == "preempted" and "SIGINT" in summary.message
   assert summary.step == 4  # The step after the signal, logged and checkpointed.
   assert checkpoints.steps(os.path.join(workdir, "checkpoints")) == [4, 3]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
+  assert restored is signal.default_int_handler
 
 
 @pytest.mark.slow
