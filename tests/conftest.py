@@ -2,7 +2,7 @@
 persistent compilation cache, so that the many tiny runs (in-process and in subprocesses, which
 inherit the environment) compile each program once, and XLA's backend (LLVM) optimisations off
 (--xla_backend_optimization_level=0): compilation is most of the suite's time, the tiny runs
-execute few steps, the convolutions are library calls that run as fast either way, and no test
+execute few steps, which run nearly as fast (the convolutions are library calls), and no test
 is about the optimised machine code. Both sides of every comparison compile alike, so bitwise
 claims hold; rounding may differ from the default build's, one more rounding the tolerances must
 survive. A level given in XLA_FLAGS stands (=2 runs the suite on the default build).
