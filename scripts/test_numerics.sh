@@ -9,5 +9,5 @@ if grep -qw avx512f /proc/cpuinfo; then isas="AVX2 SSE4_2"; else isas="AVX SSE4_
 for isa in $isas; do
   echo "numerics under --xla_cpu_max_isa=$isa"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_max_isa=$isa" \
-    .venv/bin/python -m pytest -q -m numerics -n "${PYTEST_WORKERS:-auto}" --dist loadscope "$@"
+    .venv/bin/python -m pytest -q -m numerics -n "${PYTEST_WORKERS:-auto}" --dist loadgroup "$@"
 done

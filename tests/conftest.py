@@ -1,11 +1,17 @@
-"""Gives every test process 8 CPU devices, so sharding tests run on a real (host) mesh, one
-persistent compilation cache, so that the many tiny runs (in-process and in subprocesses, which
-inherit the environment) compile each program once, and XLA's backend (LLVM) optimisations off
-(--xla_backend_optimization_level=0): compilation is most of the suite's time, the tiny runs
-execute few steps, which run nearly as fast (the convolutions are library calls), and no test
-is about the optimised machine code. Both sides of every comparison compile alike, so bitwise
-claims hold; rounding may differ from the default build's, one more rounding the tolerances must
-survive. A level given in XLA_FLAGS stands (=2 runs the suite on the default build).
+"""Gives every test process 2 CPU devices, so sharding runs on a real (host) mesh in every test,
+and a test marked `devices(n)` a process of its own with n (8 for the claims about a pod-sized
+mesh); one persistent compilation cache, so that the many tiny runs (in-process and in
+subprocesses, which inherit the environment) compile each program once; and XLA's backend (LLVM)
+optimisations off (--xla_backend_optimization_level=0): compilation is most of the suite's time,
+the tiny runs execute few steps, which run nearly as fast (the convolutions are library calls),
+and no test is about the optimised machine code. Both sides of every comparison compile alike, so
+bitwise claims hold; rounding may differ from the default build's, one more rounding the
+tolerances must survive. A level given in XLA_FLAGS stands (=2 runs the suite on the default
+build).
+
+Why 2 devices and not 8: on two cores, eight host devices make every program an 8-way partitioned
+one, every step eight device threads, and every Orbax save a copy from each device, which slows
+every run for no claim that two devices do not test as well.
 
 XLA reads XLA_FLAGS once, when jax first initialises its backends, and jax reads its JAX_*
 variables when it is imported; pytest imports this file before any test module, hence first.
@@ -14,11 +20,24 @@ A cached executable is the program a fresh compilation makes, so bitwise compari
 
 import fcntl
 import os
+import subprocess
+import sys
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
-  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+# Set in the process that runs a `devices(n)` test (see pytest_pyfunc_call).
+DEVICES = int(os.environ.get("RESNET_JAX_TEST_DEVICES", "2"))
+
+
+def xla_flags(devices: int) -> str:
+  """This session's XLA flags (an ISA limit, say) with `devices` CPU devices per process."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICES_FLAG)]
+  return " ".join([*flags, f"{_DEVICES_FLAG}={devices}"])
+
+
+os.environ["XLA_FLAGS"] = xla_flags(DEVICES)
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".pytest_cache", "xla"))
 # Orbax's saves compile dozens of small programs too; they are worth caching here.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -61,3 +80,50 @@ def no_save_outlives_its_test():
   import threading  # pylint: disable=g-import-not-at-top
   left = sorted(t.name for t in threading.enumerate() if t.name.startswith(_SAVE_THREADS))
   assert not left, f"checkpoint saves left running after the test: {left}"
+
+
+# How the suite is shared among pytest-xdist's workers (--dist loadgroup): a module's tests stay
+# on one worker, so its module fixtures (trained runs, a scheduler's jobs) are built once, except
+# in these modules, whose tests are many, long and share only cheap fixtures: they go to
+# whichever worker is free, one by one, so no one module holds the suite's end.
+SPREAD_MODULES = ("test_faults", "test_sweep", "test_train", "test_curvature",
+                  "test_steps_per_call")
+# The modules with the longest work start first (the largest jobs first leave the small ones to
+# fill the workers' ends); the others follow in file order.
+FIRST_MODULES = ("test_slurm", "test_population", "test_faults", "test_sweep", "test_curvature",
+                 "test_train", "test_steps_per_call", "test_multiprocess", "test_landscape")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(FIRST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # Stable: file order within.
+  for item in items:
+    if item.path.stem not in SPREAD_MODULES:
+      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "devices(n): runs in a pytest process of its own with n CPU devices (the suite's "
+      "processes have 2)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  """A `devices(n)` test, where this process has another count, runs again in a child pytest
+  with n devices (its fixtures built there); its result is the child's."""
+  marker = pyfuncitem.get_closest_marker("devices")
+  if marker is None or marker.args[0] == DEVICES:
+    return None
+  devices = marker.args[0]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), RESNET_JAX_TEST_DEVICES=str(devices))
+  child = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+       "--no-header", pyfuncitem.nodeid],
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=900)
+  if child.returncode != 0:
+    pytest.fail(f"with {devices} devices, in a process of its own:\n{child.stdout[-6000:]}"
+                f"{child.stderr[-3000:]}", pytrace=False)
+  assert " passed" in child.stdout.splitlines()[-1], child.stdout[-2000:]
+  return True

@@ -16,15 +16,9 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoints, reporting
+from conftest import xla_flags  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def xla_flags(devices: int) -> str:
-  """The session's XLA flags (an ISA limit, say) with `devices` CPU devices per process."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def start(workdir: str, data_dir: str, devices: int, *extra: str,

@@ -32,7 +32,7 @@ NUM_STEPS = 12
 TINY = {"dataset.eval_split": "test[:64]", "batch_size": 16, "eval_batch_size": 32,
         "num_steps": NUM_STEPS, "log_every": 1, "eval_every": 0, "checkpoint_every": 3,
         "keep_checkpoints": 2, "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
-        "progress_bar": False}
+        "progress_bar": False, "model.width": 0.25}
 
 
 def tiny_config(data_dir: str, **overrides) -> config_lib.ConfigDict:
@@ -53,7 +53,7 @@ def cli_args(data_dir: str, workdir: str, **overrides) -> list[str]:
 
 
 def start(data_dir: str, workdir: str, **overrides) -> subprocess.Popen:
-  """A run in a subprocess (the test session's 8 CPU devices), its output in workdir.log."""
+  """A run in a subprocess (the test session's 2 CPU devices), its output in workdir.log."""
   log = open(f"{workdir}.log", "w")  # pylint: disable=consider-using-with
   return subprocess.Popen(cli_args(data_dir, workdir, **overrides), cwd=REPO, stdout=log,
                           stderr=subprocess.STDOUT, text=True)

@@ -361,9 +361,10 @@ def test_option_that_config_model_lacks_raises_type_error_listing_its_fields():
 
 
 @pytest.mark.numerics
+@pytest.mark.devices(8)
 def test_batch_norm_stats_over_a_sharded_batch_equal_the_unsharded_ones(resnet20_variables):
   devices = jax.devices("cpu")
-  assert len(devices) == 8  # From tests/conftest.py.
+  assert len(devices) == 8  # From the devices marker (tests/conftest.py).
   model = get_model("resnet20", num_classes=10)
   train_forward = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
   with jax.default_device(devices[0]):

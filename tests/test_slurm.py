@@ -2,7 +2,7 @@
 
 The scheduler is the one-node cluster of scripts/slurm_local.sh (`bash scripts/slurm_local.sh
 start`); without it these tests skip, saying so, except in CI (CI=true), where they fail. The
-tasks inherit this process's environment (sbatch's default --export=ALL): its 8 host devices and
+tasks inherit this process's environment (sbatch's default --export=ALL): its 2 host devices and
 its compilation cache, so a task's run equals the same run here, bitwise.
 """
 
@@ -18,6 +18,7 @@ import ml_collections
 import multihost
 import pytest
 
+from resnet_jax import config as config_lib
 from resnet_jax import launch, points, reporting, runner
 
 REPO = multihost.REPO
@@ -102,18 +103,28 @@ def test_time_limits_are_read_as_sbatch_reads_them(text, minutes):
   assert launch.time_minutes(text) == minutes
 
 
-@pytest.mark.parametrize("flag, error", [
-    ("--slurm_time=1h", "--slurm_time must be minutes, minutes:seconds"),
-    ("--slurm_signal_delay_s=600", "--slurm_signal_delay_s must be above 0 and below the time "
-                                   "limit (300 s); got 600"),
-    ("--slurm_sbatch=time=10", "--slurm_sbatch=time=10: use --slurm_time"),
-    ("--slurm_sbatch=--qos high", "--slurm_sbatch must be key=value or key"),
-    ("--slurm_tasks_per_node=0", "--slurm_tasks_per_node must be >= 1; got 0")])
-def test_bad_launch_option_is_one_error_before_anything_is_written(flag, error, tmp_path):
+@pytest.mark.parametrize("options, error", [
+    ({"time": "1h"}, "--slurm_time must be minutes, minutes:seconds"),
+    ({"time": "5", "signal_delay_s": 600},
+     "--slurm_signal_delay_s must be above 0 and below the time limit (300 s); got 600"),
+    ({"sbatch": ("time=10",)}, "--slurm_sbatch=time=10: use --slurm_time"),
+    ({"sbatch": ("--qos high",)}, "--slurm_sbatch must be key=value or key"),
+    ({"tasks_per_node": 0}, "--slurm_tasks_per_node must be >= 1; got 0")])
+def test_bad_launch_options_are_refused_naming_the_flag(options, error):
+  with pytest.raises(config_lib.ConfigError) as refused:
+    launch.SlurmOptions(**options).parameters()
+  assert str(refused.value).startswith(error)
+
+
+def test_bad_launch_option_is_one_error_before_anything_is_written(tmp_path):
+  # The command line's path for every option the test above refuses: its flag read, one line,
+  # exit code 2 and no workdir.
   sweep_file = write_sweep_file(tmp_path / "sweep.py", tiny_sweep("/nowhere", [{"lr": 0.1}]))
   out = sweep_command(f"--config={sweep_file}", f"--workdir={tmp_path / 'runs'}",
-                      "--launch=slurm", "--slurm_time=5", flag)
-  assert out.returncode == 2 and out.stderr.startswith(f"error: {error}"), out.stderr
+                      "--launch=slurm", "--slurm_time=5", "--slurm_signal_delay_s=600")
+  assert out.returncode == 2 and out.stderr == (
+      "error: --slurm_signal_delay_s must be above 0 and below the time limit (300 s); "
+      "got 600\n"), out.stderr
   assert not (tmp_path / "runs").exists()
 
 
@@ -139,11 +150,11 @@ def test_task_whose_point_is_finished_returns_at_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def array_sweep(slurm, prepared_data_dir, tmp_path_factory):
-  """A 3-point sweep, one of whose points the run refuses (a batch the 8 devices cannot split),
+  """A 3-point sweep, one of whose points the run refuses (a batch the 2 devices cannot split),
   run as a SLURM array with the command line and --wait, and the same sweep run here."""
   del slurm
   tmp = tmp_path_factory.mktemp("array_sweep")
-  sweep_config = tiny_sweep(prepared_data_dir, [{"lr": 0.1}, {"lr": 0.2}, {"batch_size": 12}])
+  sweep_config = tiny_sweep(prepared_data_dir, [{"lr": 0.1}, {"lr": 0.2}, {"batch_size": 13}])
   sweep_file = write_sweep_file(tmp / "sweep.py", sweep_config)
   workdir = str(tmp / "slurm")
   # Here first: its programs go into the session's compilation cache, which the tasks share.
@@ -169,7 +180,7 @@ def test_sweep_submitted_as_an_array_ends_as_the_same_sweep_run_here(array_sweep
   assert job.indices == (0, 1, 2)
   rows = read_csv(workdir)
   assert [(r["name"], r["status"]) for r in rows] == [
-      ("lr=0.1", "completed"), ("lr=0.2", "completed"), ("batch_size=12", "failed")]
+      ("lr=0.1", "completed"), ("lr=0.2", "completed"), ("batch_size=13", "failed")]
   assert rows == read_csv(here)  # Bitwise: the errors as written, to the last digit.
 
 
@@ -179,7 +190,7 @@ def test_point_the_run_refuses_is_recorded_failed_and_not_requeued(array_sweep):
   _, workdir, _, job = array_sweep
   failed = read_csv(workdir)[2]
   assert failed["status"] == "failed"
-  assert "batch_size (12) must be divisible by the number of devices (8)" in failed["message"]
+  assert "batch_size (13) must be divisible by the number of devices (2)" in failed["message"]
   log = task_log(workdir, job, 2)
   assert log.count("Starting with JobEnvironment") == 1 and "Requeued" not in log
 

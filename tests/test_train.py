@@ -16,7 +16,7 @@ from resnet_jax import trainer as trainer_lib
 
 
 def tiny_config(data_dir: str, **overrides):
-  """A ResNet-20 for a handful of steps at batch 16 on 8 CPU devices, evaluated on 64 images."""
+  """A ResNet-20 for a handful of steps at batch 16 on 2 CPU devices, evaluated on 64 images."""
   config = config_lib.default_config()
   config.dataset.data_dir = data_dir
   config.dataset.eval_split = "test[:64]"
@@ -100,13 +100,13 @@ def test_checkpoint_written_before_a_config_field_existed_counts_it_as_its_defau
 
 
 def test_bad_config_is_rejected_before_the_workdir_is_created(prepared_data_dir, tmp_path):
-  config = tiny_config(prepared_data_dir, batch_size=12)  # Not divisible by 8 devices.
+  config = tiny_config(prepared_data_dir, batch_size=13)  # Not divisible by 2 devices.
   config.model.name = "resnet21"
   workdir = tmp_path / "run"
   with pytest.raises(ValueError) as error:
     train.train_and_evaluate(config, str(workdir))
   assert "6n+2: 20, 32, 44, 56, 110, 1202" in str(error.value)
-  assert "config.batch_size (12) must be divisible by the number of devices (8)" in str(error.value)
+  assert "config.batch_size (13) must be divisible by the number of devices (2)" in str(error.value)
   assert not workdir.exists()
 
 
@@ -136,6 +136,7 @@ def _run_steps(devices, config, batches):
 
 @pytest.mark.slow
 @pytest.mark.numerics
+@pytest.mark.devices(8)
 def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
   config = config_lib.default_config()
   config.num_steps = 10
