@@ -234,6 +234,105 @@ def test_verify_finds_a_changed_byte_a_truncated_file_and_a_missing_one(
   assert problem in checkpoints.verify(step_dir)
 
 
+def small_state(step: int) -> dict:
+  return {"w": np.arange(4096, dtype=np.float32) * step, "b": np.full(3, step, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def sealed_run(tmp_path_factory) -> str:
+  """A run's checkpoints directory with sealed checkpoints 1 and 2 of a small state."""
+  directory = str(tmp_path_factory.mktemp("sealed_run") / "checkpoints")
+  saver = checkpoints.Saver(directory, keep=2)
+  for step in (1, 2):
+    saver.save(step, small_state(step), config_lib.default_config(), wall_time_s=float(step))
+  saver.wait()
+  saver.close()
+  return directory
+
+
+def restore_small_state(directory: str) -> checkpoints.Restored:
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          small_state(0))
+  return checkpoints.restore_latest(directory, abstract, config_lib.default_config())
+
+
+def flip_a_state_byte(step_dir: str) -> None:
+  corrupt_newest(os.path.dirname(os.path.dirname(step_dir)), "byte")
+
+
+def unseal(step_dir: str) -> None:
+  """Makes a checkpoint look written before resnet_jax sealed them: no manifest, no progress."""
+  os.remove(os.path.join(step_dir, checkpoints.MANIFEST_FILE))
+  shutil.rmtree(os.path.join(step_dir, "progress"))
+  os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))  # It names the progress item.
+
+
+def write_manifest(step_dir: str, text: str) -> None:
+  with open(os.path.join(step_dir, checkpoints.MANIFEST_FILE), "w") as f:
+    f.write(text)
+
+
+def add_unlisted_file(step_dir: str) -> None:
+  with open(os.path.join(step_dir, "state", "extra"), "wb") as f:
+    f.write(b"\0" * 8)
+
+
+# (damage done to checkpoints/<step>, that step, the step resumed from, why it is unusable)
+MANIFEST_DAMAGE = {
+    "manifest deleted": (
+        lambda d: (flip_a_state_byte(d), os.remove(os.path.join(d, checkpoints.MANIFEST_FILE))),
+        2, 1, "it has no checksums.json, though it has a progress item: it was written since "
+              "resnet_jax seals checkpoints"),
+    "manifest emptied": (lambda d: (flip_a_state_byte(d), write_manifest(d, '{"sha256": {}}')),
+                         2, 1, "its checksum manifest checksums.json lists no files"),
+    "a file not in the manifest": (add_unlisted_file, 2, 1,
+                                   "file state/extra is not in its manifest"),
+    "unsealed beside sealed ones": (
+        lambda d: (flip_a_state_byte(d), unseal(d)),
+        2, 1, "it has no checksums.json, though other checkpoints of this run are sealed"),
+    "an empty step directory": (os.makedirs, 999, 2,
+                                "it is incomplete: it has no state or config item"),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
+def test_a_checkpoint_its_manifest_does_not_vouch_for_is_set_aside(sealed_run, tmp_path, capsys,
+                                                                    damage):
+  # A manifest must list exactly the files there are, and a run with sealed checkpoints never
+  # trusts one without a manifest: it is set aside like a corrupt one, with one warning.
+  damage_fn, step, resumed, reason = MANIFEST_DAMAGE[damage]
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(sealed_run, directory)
+  damage_fn(os.path.join(directory, str(step)))
+  capsys.readouterr()
+
+  restored = restore_small_state(directory)
+  assert restored.step == resumed
+  jax.tree.map(np.testing.assert_array_equal, restored.state, small_state(resumed))
+  kept = os.path.join(tmp_path, checkpoints.UNUSABLE_DIR, str(step))
+  assert capsys.readouterr().err.splitlines() == [
+      f"warning: checkpoint {directory}/{step} is unusable: {reason}; moved to {kept}; "
+      f"resuming from step {resumed}"]
+  assert os.listdir(os.path.dirname(kept)) == [str(step)]
+
+
+def test_a_run_whose_checkpoints_predate_sealing_restores_them_unverified(
+    sealed_run, tmp_path, capsys):
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(sealed_run, directory)
+  for step in (1, 2):
+    unseal(os.path.join(directory, str(step)))
+  capsys.readouterr()
+
+  restored = restore_small_state(directory)
+  assert restored.step == 2 and restored.wall_time_s == 0.0  # Progress came with sealing too.
+  jax.tree.map(np.testing.assert_array_equal, restored.state, small_state(2))
+  assert capsys.readouterr().err.splitlines() == [
+      f"warning: checkpoint {directory}/2 has no checksums.json (written before resnet_jax "
+      "sealed checkpoints): restoring it unverified"]
+
+
 @pytest.mark.slow
 def test_no_usable_checkpoint_is_one_clear_error_and_deletes_nothing(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
