@@ -22,7 +22,8 @@ kept or set aside, is sealed. Any other checkpoint without one lost it, and is s
 
 **Matched.** The stored config is compared with the current one before the state is read, so a
 checkpoint of another network, dataset or recipe is refused (`CheckpointMismatchError`) with the
-fields that differ. Only the fields in `RESUMABLE_FIELDS` (bookkeeping) may differ.
+fields that differ. Only the fields in `RESUMABLE_FIELDS` (bookkeeping) may differ, and
+`num_steps` only down to the checkpoint's step: a run is not cut back below what it has trained.
 """
 
 from __future__ import annotations
@@ -351,6 +352,11 @@ def _restore(step_dir: str, step: int, abstract_state, config, extra_items, *,
         f"checkpoint {step_dir} was written by a different run; refusing to resume. "
         "Differences:\n  " + "\n  ".join(mismatches)
         + f"\nOnly these fields may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}.")
+  if step > config.num_steps:  # Restored, the run would end as completed at `step`.
+    raise CheckpointMismatchError(
+        f"checkpoint {step_dir} is at step {step}, past config.num_steps ({config.num_steps}); "
+        f"a run is not cut back below the steps it has trained: to continue it give "
+        f"config.num_steps >= {step}, or start afresh in another --workdir")
   items = {"state": ocp.args.StandardRestore(abstract_state), **(extra_items or {})}
   has_progress = os.path.isdir(os.path.join(step_dir, "progress"))
   if has_progress:

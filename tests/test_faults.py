@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoints, cli, config as config_lib, lock, reporting, train
+from resnet_jax import checkpoints, cli, config as config_lib, lock, parallel, reporting, train
+from resnet_jax import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -365,6 +366,31 @@ def test_rerunning_a_completed_run_changes_nothing(prepared_data_dir, straight_r
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("test accuracy ")
   assert snapshot(straight_run) == before
+
+
+def test_num_steps_below_the_newest_checkpoint_is_refused_and_changes_nothing(
+    prepared_data_dir, tmp_path):
+  # A run preempted at step 6 (its initial state stands in for the one trained).
+  workdir = str(tmp_path / "run")
+  trainers = trainer_lib.Cache()
+  trainer = trainers.build(*train.prepare(tiny_config(prepared_data_dir)), parallel.make_mesh())
+  saver = checkpoints.Saver(os.path.join(workdir, "checkpoints"), keep=1)
+  saver.save(6, trainer.init_state(), trainer.config, wall_time_s=1.0)
+  saver.wait()
+  saver.close()
+  reporting.Summary.failed("stopped by SIGTERM after step 6, checkpointed",
+                           status=reporting.PREEMPTED, step=6).write(workdir)
+  before = snapshot(workdir)
+
+  with pytest.raises(checkpoints.CheckpointMismatchError) as refused:
+    train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=4), workdir,
+                             trainers=trainers)
+  assert str(refused.value) == (
+      f"checkpoint {workdir}/checkpoints/6 is at step 6, past config.num_steps (4); a run is "
+      "not cut back below the steps it has trained: to continue it give config.num_steps >= "
+      "6, or start afresh in another --workdir")
+  assert snapshot(workdir) == before
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "summary.json"]
 
 
 @pytest.mark.slow
