@@ -458,6 +458,23 @@ def test_lock_of_a_killed_process_does_not_block_the_resume(prepared_data_dir, t
   assert summary.status == "completed"
 
 
+def test_removing_or_replacing_the_lock_file_lets_no_second_writer_in(
+    prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  refusal = (f"workdir {workdir} is in use by another process; stop that run first, or choose "
+             "another --workdir")
+  with lock.WorkdirLock(workdir) as held:
+    os.remove(held.path)
+    with pytest.raises(lock.WorkdirError) as removed:
+      train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=1), workdir)
+    with open(held.path, "w") as f:
+      f.write("{}")
+    with pytest.raises(lock.WorkdirError) as replaced:
+      lock.WorkdirLock(workdir).acquire()
+  assert str(removed.value) == str(replaced.value) == refusal
+  assert os.listdir(workdir) == []
+
+
 # --- Disk full ---
 
 @contextlib.contextmanager
