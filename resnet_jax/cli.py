@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -109,6 +110,13 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
     print("interrupted: the last checkpoint stands; run the same command to resume",
           file=sys.stderr)
     return EXIT_INTERRUPTED
+  except preemption.Preempted:
+    # SIGTERM before the loop (preemption.exit_on_sigterm), unwound and the lock released. The
+    # interpreter's teardown is skipped: it can crash inside XLA while programs of the set-up
+    # are still compiling or running.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     if not _is_disk_full(e):
       raise  # A bug: its traceback is what helps.

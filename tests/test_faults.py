@@ -24,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoints, cli, config as config_lib, lock, parallel, reporting, train
+from resnet_jax import (checkpoints, cli, config as config_lib, lock, parallel, preemption,
+                        reporting, train)
 from resnet_jax import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,6 +170,63 @@ def test_kill_9_during_an_async_save_resumes_bitwise(prepared_data_dir, straight
   assert logged_steps(workdir) == list(range(1, NUM_STEPS + 1)) + [NUM_STEPS]
   # keep_checkpoints=2 holds across the resume, with the checkpoints of both segments.
   assert checkpoints.steps(os.path.join(workdir, "checkpoints")) == [NUM_STEPS, NUM_STEPS - 1]
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_loop_exits_75_with_one_line_and_releases_the_lock(
+    prepared_data_dir, tmp_path):
+  # A checkpoint whose manifest is a FIFO holds the run in its restore, with the workdir locked
+  # and the loop's handlers not yet installed, for as long as the test keeps it open unwritten.
+  workdir = tmp_path / "run"
+  manifest = workdir / "checkpoints" / "3" / checkpoints.MANIFEST_FILE
+  manifest.parent.mkdir(parents=True)
+  os.mkfifo(manifest)
+  run = start(prepared_data_dir, str(workdir))
+  writer = []
+
+  def run_reads_the_manifest() -> bool:
+    with contextlib.suppress(OSError):  # ENXIO until a reader has it open.
+      writer.append(os.open(manifest, os.O_WRONLY | os.O_NONBLOCK))
+    return bool(writer)
+
+  wait_for(run_reads_the_manifest, run)
+  try:
+    assert os.path.exists(workdir / lock.LOCK_FILE)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == cli.EXIT_PREEMPTED
+  finally:
+    os.close(writer[0])
+  with open(f"{workdir}.log") as f:
+    assert f.read().splitlines() == [
+        "preempted: SIGTERM arrived while no step was in flight (before training began or "
+        "after it ended); run the same command again"]
+  assert os.listdir(workdir) == ["checkpoints"]  # The lock went with the process.
+
+
+def test_sigterm_outside_the_loop_swallowed_in_a_finalizer_is_raised_again(capsys):
+  # A signal handler runs wherever the main thread is; in a __del__ or a garbage collector
+  # callback (JAX has one) what it raises is printed and dropped.
+  class SignalledWhenCollected:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      sum(range(1000))  # The handler runs here, in __del__.
+
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+  unraisablehook = sys.unraisablehook
+  try:
+    preemption.exit_on_sigterm()
+    with pytest.raises(preemption.Preempted) as exited:
+      SignalledWhenCollected()
+      time.sleep(10)  # Where the retry lands.
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.unraisablehook = unraisablehook
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+  assert exited.value.code == cli.EXIT_PREEMPTED
+  assert capsys.readouterr().err.splitlines() == [
+      "preempted: SIGTERM arrived while no step was in flight (before training began or after "
+      "it ended); run the same command again"]
 
 
 # --- Checkpoints ---
