@@ -11,15 +11,19 @@ every item. A committed checkpoint therefore always carries its manifest, and a 
 short by a crash is never committed at all.
 
 **Checked.** `restore_latest` verifies the newest checkpoint against its manifest, then restores
-it. One that fails (a changed byte, a truncated or missing file, a manifest that does not parse,
-an item Orbax cannot read) is moved to `unusable_checkpoints/<step>/` beside `checkpoints/`,
-with one warning line saying why, and the next newest is tried. Only when none is usable does it
-raise `NoUsableCheckpointError`. Checkpoints written before manifests existed are restored with
-a warning that they are unverified.
+it. The manifest must list exactly the files the checkpoint's items hold. One that fails (a
+changed byte, a truncated, missing or unlisted file, a manifest that is missing, empty or does not
+parse, an item missing or one Orbax cannot read) is moved to `unusable_checkpoints/<step>/`
+beside `checkpoints/`, with one warning line saying why, and the next newest is tried. Only when
+none is usable does it raise `NoUsableCheckpointError`. A checkpoint without a manifest is
+restored, with a warning that it is unverified, only if it was written before resnet_jax sealed
+checkpoints: it has no `progress` item (which came with sealing) and no checkpoint of its run,
+kept or set aside, is sealed. Any other checkpoint without one lost it, and is set aside.
 
 **Matched.** The stored config is compared with the current one before the state is read, so a
 checkpoint of another network, dataset or recipe is refused (`CheckpointMismatchError`) with the
-fields that differ. Only the fields in `RESUMABLE_FIELDS` (bookkeeping) may differ.
+fields that differ. Only the fields in `RESUMABLE_FIELDS` (bookkeeping) may differ, and
+`num_steps` only down to the checkpoint's step: a run is not cut back below what it has trained.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ from resnet_jax import config as config_lib
 from resnet_jax import lock, reporting
 
 MANIFEST_FILE = "checksums.json"
+# Items every checkpoint has, and the one that came with sealing: a checkpoint that has it (as a
+# directory, or named in Orbax's step metadata) was written to carry a manifest.
+_REQUIRED_ITEMS = ("state", "config")
+_SEALING_ITEM = "progress"
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's record of a step's items.
 UNUSABLE_DIR = "unusable_checkpoints"  # Beside the checkpoints directory.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet committed.
 _HASH_CHUNK = 1 << 20
@@ -192,22 +201,67 @@ def sealed(step_dir: str) -> bool:
 
 
 def verify(step_dir: str) -> str | None:
-  """Checks a sealed checkpoint against its manifest: None if intact, else what is wrong."""
+  """Checks a sealed checkpoint against its manifest, which must list exactly the files of its
+  items: None if it does, else what is wrong."""
   try:
     with open(os.path.join(step_dir, MANIFEST_FILE)) as f:
-      expected = json.load(f)["sha256"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+      listed = {name: (entry["size"], entry["sha256"])
+                for name, entry in json.load(f)["sha256"].items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     return f"its checksum manifest {MANIFEST_FILE} is unreadable ({type(e).__name__})"
-  for name, entry in sorted(expected.items()):
+  if not listed:
+    return f"its checksum manifest {MANIFEST_FILE} lists no files"
+  present = set(_item_files(step_dir))
+  if missing := sorted(set(listed) - present):
+    return f"file {missing[0]} is missing"
+  if unlisted := sorted(present - set(listed)):
+    return f"file {unlisted[0]} is not in its manifest"
+  for name, (expected_size, expected_sha256) in sorted(listed.items()):
     path = os.path.join(step_dir, name)
-    if not os.path.isfile(path):
-      return f"file {name} is missing"
     size = os.path.getsize(path)
-    if size != entry["size"]:
-      return f"file {name} has {size} bytes, {entry['size']} were written"
-    if _sha256(path) != entry["sha256"]:
+    if size != expected_size:
+      return f"file {name} has {size} bytes, {expected_size} were written"
+    if _sha256(path) != expected_sha256:
       return f"file {name} does not match its checksum"
   return None
+
+
+def check(step_dir: str, *, run_seals: bool) -> str | None:
+  """Why a checkpoint must not be restored, or None: a sealed one must pass verify(); an unsealed
+  one is trusted (unverified) only if it was written before sealing, in a run (`run_seals`:
+  run_seals(directory)) whose checkpoints are all from then."""
+  if sealed(step_dir):
+    return verify(step_dir)
+  if missing := [i for i in _REQUIRED_ITEMS if not os.path.isdir(os.path.join(step_dir, i))]:
+    return f"it is incomplete: it has no {' or '.join(missing)} item"
+  if _SEALING_ITEM in _items(step_dir):
+    return (f"it has no {MANIFEST_FILE}, though it has a {_SEALING_ITEM} item: it was written "
+            "since resnet_jax seals checkpoints")
+  if run_seals:
+    return f"it has no {MANIFEST_FILE}, though other checkpoints of this run are sealed"
+  return None
+
+
+def run_seals(directory: str) -> bool:
+  """Whether any checkpoint of the run whose checkpoints are in `directory`, kept there or set
+  aside, was written by a resnet_jax that seals them: then none without a manifest is trusted."""
+  for root in (directory, _unusable_dir(directory)):
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+      step_dir = os.path.join(root, name)
+      if os.path.isdir(step_dir) and (sealed(step_dir) or _SEALING_ITEM in _items(step_dir)):
+        return True
+  return False
+
+
+def _items(step_dir: str) -> set[str]:
+  """A checkpoint's items: its directories, and those Orbax's step metadata names."""
+  items = {name for name in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, name))}
+  try:
+    with open(os.path.join(step_dir, _STEP_METADATA)) as f:
+      handlers = json.load(f)["item_handlers"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return items  # Absent or damaged: the directories still tell.
+  return items | set(handlers) if isinstance(handlers, dict) else items
 
 
 def _comparable(tree: dict) -> dict:
@@ -253,10 +307,11 @@ def restore_latest(directory: str, abstract_state, config: ml_collections.Config
     NoUsableCheckpointError: checkpoints exist but none is usable.
   """
   skipped = []
+  seals = run_seals(directory)
   for step in steps(directory):
     step_dir = os.path.join(directory, str(step))
     try:
-      restored = _restore(step_dir, step, abstract_state, config, extra_items)
+      restored = _restore(step_dir, step, abstract_state, config, extra_items, run_seals=seals)
     except _Unusable as e:
       skipped.append((step, str(e)))
       continue
@@ -279,12 +334,13 @@ class _Unusable(Exception):
   """A checkpoint failed its checks; the message says how."""
 
 
-def _restore(step_dir: str, step: int, abstract_state, config, extra_items) -> Restored:
+def _restore(step_dir: str, step: int, abstract_state, config, extra_items, *,
+             run_seals: bool) -> Restored:
+  if problem := check(step_dir, run_seals=run_seals):
+    raise _Unusable(problem)
   if not sealed(step_dir):
     _warn(f"checkpoint {step_dir} has no {MANIFEST_FILE} (written before resnet_jax sealed "
           "checkpoints): restoring it unverified")
-  elif problem := verify(step_dir):
-    raise _Unusable(problem)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
     stored = checkpointer.restore(step_dir, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -296,6 +352,11 @@ def _restore(step_dir: str, step: int, abstract_state, config, extra_items) -> R
         f"checkpoint {step_dir} was written by a different run; refusing to resume. "
         "Differences:\n  " + "\n  ".join(mismatches)
         + f"\nOnly these fields may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}.")
+  if step > config.num_steps:  # Restored, the run would end as completed at `step`.
+    raise CheckpointMismatchError(
+        f"checkpoint {step_dir} is at step {step}, past config.num_steps ({config.num_steps}); "
+        f"a run is not cut back below the steps it has trained: to continue it give "
+        f"config.num_steps >= {step}, or start afresh in another --workdir")
   items = {"state": ocp.args.StandardRestore(abstract_state), **(extra_items or {})}
   has_progress = os.path.isdir(os.path.join(step_dir, "progress"))
   if has_progress:
@@ -347,7 +408,7 @@ def read_state(directory: str, step: int | None = None):
   Returns (step, state dict with params, batch_stats, opt_state, step, seed).
   Raises:
     FileNotFoundError: no checkpoint (at that step) in `directory`.
-    ValueError: the checkpoint fails its checksums.
+    ValueError: the checkpoint fails its checks (as restore_latest makes them).
   """
   directory = os.path.abspath(directory)
   if step is None:
@@ -358,7 +419,7 @@ def read_state(directory: str, step: int | None = None):
   step_dir = os.path.join(directory, str(step))
   if not os.path.isdir(step_dir):
     raise FileNotFoundError(f"no checkpoint {step_dir}")
-  problem = verify(step_dir) if sealed(step_dir) else None  # Older ones are unsealed.
+  problem = check(step_dir, run_seals=run_seals(directory))
   if problem:
     raise ValueError(f"checkpoint {step_dir} is unusable: {problem}")
   path = os.path.join(step_dir, "state")

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -27,7 +28,8 @@ from resnet_jax import lock, preemption, reporting
 EXIT_OK = 0
 EXIT_FAILED = 1  # The run failed or diverged; summary.json says why.
 EXIT_USAGE = 2  # Bad input; nothing was done.
-EXIT_PREEMPTED = preemption.EXIT_CODE  # 75: stopped by SIGTERM/SIGINT, checkpointed; requeue it.
+EXIT_PREEMPTED = preemption.EXIT_CODE  # 75: stopped by SIGTERM/SIGINT, checkpointed (or before
+# the loop, with nothing to checkpoint); requeue it.
 EXIT_INTERRUPTED = 130  # A second Ctrl-C: stopped at once; the last checkpoint stands.
 
 # Errors that refuse a run before it starts, their messages saying what is allowed: bad configs,
@@ -109,6 +111,13 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
     print("interrupted: the last checkpoint stands; run the same command to resume",
           file=sys.stderr)
     return EXIT_INTERRUPTED
+  except preemption.Preempted:
+    # SIGTERM before the loop (preemption.exit_on_sigterm), unwound and the lock released. The
+    # interpreter's teardown is skipped: it can crash inside XLA while programs of the set-up
+    # are still compiling or running.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PREEMPTED)
   except Exception as e:  # pylint: disable=broad-except
     if not _is_disk_full(e):
       raise  # A bug: its traceback is what helps.

@@ -1,10 +1,14 @@
 """One writer per workdir: an advisory lock that a run holds for as long as it writes there.
 
-The lock is `flock` on `<workdir>/lock`, a file that names its holder (host, PID, start time) so
-that a refused second writer can say who holds it. The kernel drops the lock when its process
-dies however it dies, so a run killed with -9 never blocks its own resume: no stale-lock
-heuristics are needed. The file is removed on release; a process that locked a file someone
-removed meanwhile notices (its inode is no longer the path's) and tries again.
+The lock is `flock` on the workdir itself (a directory opened read-only), so that removing or
+replacing any file in it lets no second writer in, and on `<workdir>/lock`, a file that names its
+holder (host, PID, start time) so that a refused second writer can say who holds it. Where the
+filesystem cannot lock a directory (NFS, which emulates flock with locks that need a file open
+for writing) the file's lock alone holds, as long as the file is not removed. The kernel drops
+both locks when their process dies however it dies, so a run killed with -9 never blocks its
+own resume: no stale-lock heuristics are needed. The file is removed on release; a process that
+locked a file someone removed meanwhile notices (its inode is no longer the path's) and tries
+again.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd: int | None = None
+    self._dir_fd: int | None = None
     self._created_workdir = False
 
   def acquire(self, *, timeout_s: float = 0.0) -> None:
@@ -47,25 +52,29 @@ class WorkdirLock:
     self._make_workdir()
     deadline = time.monotonic() + timeout_s
     while True:
-      fd = self._open()
+      dir_fd = fd = None
       try:
+        dir_fd = self._lock_directory()
+        fd = self._open()
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
-        holder = _read_holder(fd)
-        os.close(fd)
+        _close(fd, dir_fd)
         if time.monotonic() >= deadline:
-          raise WorkdirError(f"workdir {self.workdir} is in use by {holder}; stop "
-                             "that run first, or choose another --workdir") from None
+          raise WorkdirError(f"workdir {self.workdir} is in use by {_read_holder(self.path)}; "
+                             "stop that run first, or choose another --workdir") from None
         time.sleep(0.5)
         continue
+      except BaseException:
+        _close(fd, dir_fd)
+        raise
       if _same_file(fd, self.path):
         break
-      os.close(fd)  # Its holder removed the file between our open and our lock.
+      _close(fd, dir_fd)  # Its holder removed the file between our open and our lock.
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({
         "host": socket.gethostname(), "pid": os.getpid(),
         "since": datetime.datetime.now().isoformat(timespec="seconds")}).encode() + b"\n")
-    self._fd = fd
+    self._fd, self._dir_fd = fd, dir_fd
 
   def release(self, *, remove_new_workdir: bool = False) -> None:
     """Lets go of the lock; with `remove_new_workdir`, also removes a workdir that acquire()
@@ -74,8 +83,8 @@ class WorkdirLock:
       return
     with contextlib.suppress(FileNotFoundError):
       os.remove(self.path)  # Before unlocking: the next holder then locks a fresh file.
-    os.close(self._fd)
-    self._fd = None
+    _close(self._fd, self._dir_fd)
+    self._fd = self._dir_fd = None
     if remove_new_workdir and self._created_workdir:
       with contextlib.suppress(OSError):
         os.rmdir(self.workdir)  # Only if empty.
@@ -100,6 +109,23 @@ class WorkdirLock:
       raise WorkdirError(f"workdir {self.workdir} cannot be created: "
                          f"{e.strerror}") from None
 
+  def _lock_directory(self) -> int | None:
+    """Locks the workdir directory: its descriptor, or None where it cannot be locked (then the
+    file's lock alone holds). Raises BlockingIOError while another process holds it."""
+    try:
+      fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # Not readable: the lock file still works.
+      return None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise
+    except OSError:  # EBADF on NFS, ENOLCK, EOPNOTSUPP: a filesystem that cannot.
+      os.close(fd)
+      return None
+    return fd
+
   def _open(self) -> int:
     try:
       return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -108,13 +134,21 @@ class WorkdirLock:
                          f"{e.strerror}") from None
 
 
-def _read_holder(fd: int) -> str:
-  """`pid 123 on host h since 2026-11-27T10:00:00`, or a placeholder while it writes itself."""
+def _read_holder(path: str) -> str:
+  """`pid 123 on host h since 2026-11-27T10:00:00`, or a placeholder while it writes itself (or
+  if its file was removed)."""
   try:
-    holder = json.loads(os.pread(fd, 4096, 0))
+    with open(path, "rb") as f:
+      holder = json.loads(f.read(4096))
     return f"pid {holder['pid']} on host {holder['host']} since {holder['since']}"
   except (OSError, ValueError, KeyError, TypeError):
     return "another process"
+
+
+def _close(*fds: int | None) -> None:
+  for fd in fds:
+    if fd is not None:
+      os.close(fd)
 
 
 def _same_file(fd: int, path: str) -> bool:

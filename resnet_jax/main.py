@@ -11,11 +11,18 @@ as one process per task; `--wait` waits for it and ends as a run here would.
 
 from __future__ import annotations
 
+from resnet_jax import preemption
+
+if __name__ == "__main__":
+  preemption.exit_on_sigterm()  # First: a SIGTERM during what follows exits 75, lock released.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import sys
 
 from absl import flags
 
 from resnet_jax import cli, launch, parallel, reporting
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = cli.define_config_file("config", "configs/fashion_mnist.py",
                                  "Config file, optionally with :args.")

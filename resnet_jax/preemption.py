@@ -11,18 +11,59 @@ together. There JAX's preemption service does the work: it catches SIGTERM on an
 agrees on one step at which every process stops (`multihost_utils.
 reached_preemption_sync_point`, asked once per step). Ctrl-C is turned into SIGTERM to take the
 same path.
+
+Outside the loop (while a command imports, validates, locks, builds and restores, or after the
+run) there is no step to stop at: `exit_on_sigterm`, the first thing a command does, makes
+SIGTERM end it there at once, with one line and `EXIT_CODE`, unwinding so that the workdir's
+lock is released.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
 # sysexits.h's EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
 EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(SystemExit):
+  """SIGTERM outside the loop: exits with EXIT_CODE, unwinding (see exit_on_sigterm)."""
+
+
+def exit_on_sigterm() -> None:
+  """Makes SIGTERM raise Preempted (a SystemExit with EXIT_CODE) after one line on stderr, until
+  a StopRequest takes the signal over (and again once it gives it back). For a command's entry
+  point, before its heavy imports: the default action would kill the process with 143, which
+  schedulers do not requeue, without releasing what `finally` blocks release (the workdir's
+  lock). In a multi-process run JAX's preemption notifier takes SIGTERM over once
+  jax.distributed starts."""
+  signal.signal(signal.SIGTERM, _exit_preempted)
+  signal.signal(signal.SIGALRM, _exit_preempted)  # The retry below.
+  previous_hook = sys.unraisablehook
+
+  def retry_if_swallowed(unraisable) -> None:
+    # A handler runs wherever the main thread is, and an exception raised in a garbage
+    # collector callback or a __del__ is printed and dropped there: an alarm raises it again
+    # just after, in ordinary code (it fires once this hook has returned).
+    if issubclass(unraisable.exc_type, Preempted):
+      signal.setitimer(signal.ITIMER_REAL, 0.01)
+    else:
+      previous_hook(unraisable)
+
+  sys.unraisablehook = retry_if_swallowed
+
+
+def _exit_preempted(signum, frame) -> None:
+  del frame
+  if signum == signal.SIGTERM:  # Its line once, though a retry raises again.
+    print(f"preempted: SIGTERM arrived while no step was in flight (before training began "
+          "or after it ended); run the same command again", file=sys.stderr, flush=True)
+  raise Preempted(EXIT_CODE)
 
 
 class StopRequest:

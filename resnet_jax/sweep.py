@@ -48,12 +48,19 @@ what --launch=slurm --wait does.
 
 from __future__ import annotations
 
+from resnet_jax import preemption
+
+if __name__ == "__main__":
+  preemption.exit_on_sigterm()  # First: a SIGTERM during what follows exits 75, lock released.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import os
 import sys
 
 from absl import flags
 
 from resnet_jax import cli, launch, plots, points, reporting, results, runner
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = cli.define_config_file(
     "config", None, "The sweep file, configs/sweeps/<name>.py; may be left out once the "

@@ -187,7 +187,8 @@ def completed_summary(workdir: str, config: ml_collections.ConfigDict
 
 def finished_summary(config, workdir: str, start: checkpoints.Restored, num_params: int,
                       num_train: int, evaluate) -> reporting.Summary:
-  """The summary of a run restored at or past num_steps whose summary.json does not say so.
+  """The summary of a run restored at num_steps (past it is refused) whose summary.json does
+  not say so.
 
   The process died between its final checkpoint and its summary: the summary is rebuilt from
   metrics.jsonl, evaluating the network (`evaluate()`: host totals) only if that final

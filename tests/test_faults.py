@@ -24,7 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoints, cli, config as config_lib, lock, reporting, train
+from resnet_jax import (checkpoints, cli, config as config_lib, lock, parallel, preemption,
+                        reporting, train)
+from resnet_jax import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -170,6 +172,63 @@ def test_kill_9_during_an_async_save_resumes_bitwise(prepared_data_dir, straight
   assert checkpoints.steps(os.path.join(workdir, "checkpoints")) == [NUM_STEPS, NUM_STEPS - 1]
 
 
+@pytest.mark.slow
+def test_sigterm_before_the_loop_exits_75_with_one_line_and_releases_the_lock(
+    prepared_data_dir, tmp_path):
+  # A checkpoint whose manifest is a FIFO holds the run in its restore, with the workdir locked
+  # and the loop's handlers not yet installed, for as long as the test keeps it open unwritten.
+  workdir = tmp_path / "run"
+  manifest = workdir / "checkpoints" / "3" / checkpoints.MANIFEST_FILE
+  manifest.parent.mkdir(parents=True)
+  os.mkfifo(manifest)
+  run = start(prepared_data_dir, str(workdir))
+  writer = []
+
+  def run_reads_the_manifest() -> bool:
+    with contextlib.suppress(OSError):  # ENXIO until a reader has it open.
+      writer.append(os.open(manifest, os.O_WRONLY | os.O_NONBLOCK))
+    return bool(writer)
+
+  wait_for(run_reads_the_manifest, run)
+  try:
+    assert os.path.exists(workdir / lock.LOCK_FILE)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == cli.EXIT_PREEMPTED
+  finally:
+    os.close(writer[0])
+  with open(f"{workdir}.log") as f:
+    assert f.read().splitlines() == [
+        "preempted: SIGTERM arrived while no step was in flight (before training began or "
+        "after it ended); run the same command again"]
+  assert os.listdir(workdir) == ["checkpoints"]  # The lock went with the process.
+
+
+def test_sigterm_outside_the_loop_swallowed_in_a_finalizer_is_raised_again(capsys):
+  # A signal handler runs wherever the main thread is; in a __del__ or a garbage collector
+  # callback (JAX has one) what it raises is printed and dropped.
+  class SignalledWhenCollected:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      sum(range(1000))  # The handler runs here, in __del__.
+
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+  unraisablehook = sys.unraisablehook
+  try:
+    preemption.exit_on_sigterm()
+    with pytest.raises(preemption.Preempted) as exited:
+      SignalledWhenCollected()
+      time.sleep(10)  # Where the retry lands.
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    sys.unraisablehook = unraisablehook
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+  assert exited.value.code == cli.EXIT_PREEMPTED
+  assert capsys.readouterr().err.splitlines() == [
+      "preempted: SIGTERM arrived while no step was in flight (before training began or after "
+      "it ended); run the same command again"]
+
+
 # --- Checkpoints ---
 
 def corrupt_newest(workdir: str, how: str) -> str:
@@ -234,6 +293,105 @@ def test_verify_finds_a_changed_byte_a_truncated_file_and_a_missing_one(
   assert problem in checkpoints.verify(step_dir)
 
 
+def small_state(step: int) -> dict:
+  return {"w": np.arange(4096, dtype=np.float32) * step, "b": np.full(3, step, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def sealed_run(tmp_path_factory) -> str:
+  """A run's checkpoints directory with sealed checkpoints 1 and 2 of a small state."""
+  directory = str(tmp_path_factory.mktemp("sealed_run") / "checkpoints")
+  saver = checkpoints.Saver(directory, keep=2)
+  for step in (1, 2):
+    saver.save(step, small_state(step), config_lib.default_config(), wall_time_s=float(step))
+  saver.wait()
+  saver.close()
+  return directory
+
+
+def restore_small_state(directory: str) -> checkpoints.Restored:
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          small_state(0))
+  return checkpoints.restore_latest(directory, abstract, config_lib.default_config())
+
+
+def flip_a_state_byte(step_dir: str) -> None:
+  corrupt_newest(os.path.dirname(os.path.dirname(step_dir)), "byte")
+
+
+def unseal(step_dir: str) -> None:
+  """Makes a checkpoint look written before resnet_jax sealed them: no manifest, no progress."""
+  os.remove(os.path.join(step_dir, checkpoints.MANIFEST_FILE))
+  shutil.rmtree(os.path.join(step_dir, "progress"))
+  os.remove(os.path.join(step_dir, "_CHECKPOINT_METADATA"))  # It names the progress item.
+
+
+def write_manifest(step_dir: str, text: str) -> None:
+  with open(os.path.join(step_dir, checkpoints.MANIFEST_FILE), "w") as f:
+    f.write(text)
+
+
+def add_unlisted_file(step_dir: str) -> None:
+  with open(os.path.join(step_dir, "state", "extra"), "wb") as f:
+    f.write(b"\0" * 8)
+
+
+# (damage done to checkpoints/<step>, that step, the step resumed from, why it is unusable)
+MANIFEST_DAMAGE = {
+    "manifest deleted": (
+        lambda d: (flip_a_state_byte(d), os.remove(os.path.join(d, checkpoints.MANIFEST_FILE))),
+        2, 1, "it has no checksums.json, though it has a progress item: it was written since "
+              "resnet_jax seals checkpoints"),
+    "manifest emptied": (lambda d: (flip_a_state_byte(d), write_manifest(d, '{"sha256": {}}')),
+                         2, 1, "its checksum manifest checksums.json lists no files"),
+    "a file not in the manifest": (add_unlisted_file, 2, 1,
+                                   "file state/extra is not in its manifest"),
+    "unsealed beside sealed ones": (
+        lambda d: (flip_a_state_byte(d), unseal(d)),
+        2, 1, "it has no checksums.json, though other checkpoints of this run are sealed"),
+    "an empty step directory": (os.makedirs, 999, 2,
+                                "it is incomplete: it has no state or config item"),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
+def test_a_checkpoint_its_manifest_does_not_vouch_for_is_set_aside(sealed_run, tmp_path, capsys,
+                                                                    damage):
+  # A manifest must list exactly the files there are, and a run with sealed checkpoints never
+  # trusts one without a manifest: it is set aside like a corrupt one, with one warning.
+  damage_fn, step, resumed, reason = MANIFEST_DAMAGE[damage]
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(sealed_run, directory)
+  damage_fn(os.path.join(directory, str(step)))
+  capsys.readouterr()
+
+  restored = restore_small_state(directory)
+  assert restored.step == resumed
+  jax.tree.map(np.testing.assert_array_equal, restored.state, small_state(resumed))
+  kept = os.path.join(tmp_path, checkpoints.UNUSABLE_DIR, str(step))
+  assert capsys.readouterr().err.splitlines() == [
+      f"warning: checkpoint {directory}/{step} is unusable: {reason}; moved to {kept}; "
+      f"resuming from step {resumed}"]
+  assert os.listdir(os.path.dirname(kept)) == [str(step)]
+
+
+def test_a_run_whose_checkpoints_predate_sealing_restores_them_unverified(
+    sealed_run, tmp_path, capsys):
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(sealed_run, directory)
+  for step in (1, 2):
+    unseal(os.path.join(directory, str(step)))
+  capsys.readouterr()
+
+  restored = restore_small_state(directory)
+  assert restored.step == 2 and restored.wall_time_s == 0.0  # Progress came with sealing too.
+  jax.tree.map(np.testing.assert_array_equal, restored.state, small_state(2))
+  assert capsys.readouterr().err.splitlines() == [
+      f"warning: checkpoint {directory}/2 has no checksums.json (written before resnet_jax "
+      "sealed checkpoints): restoring it unverified"]
+
+
 @pytest.mark.slow
 def test_no_usable_checkpoint_is_one_clear_error_and_deletes_nothing(prepared_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
@@ -266,6 +424,31 @@ def test_rerunning_a_completed_run_changes_nothing(prepared_data_dir, straight_r
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("test accuracy ")
   assert snapshot(straight_run) == before
+
+
+def test_num_steps_below_the_newest_checkpoint_is_refused_and_changes_nothing(
+    prepared_data_dir, tmp_path):
+  # A run preempted at step 6 (its initial state stands in for the one trained).
+  workdir = str(tmp_path / "run")
+  trainers = trainer_lib.Cache()
+  trainer = trainers.build(*train.prepare(tiny_config(prepared_data_dir)), parallel.make_mesh())
+  saver = checkpoints.Saver(os.path.join(workdir, "checkpoints"), keep=1)
+  saver.save(6, trainer.init_state(), trainer.config, wall_time_s=1.0)
+  saver.wait()
+  saver.close()
+  reporting.Summary.failed("stopped by SIGTERM after step 6, checkpointed",
+                           status=reporting.PREEMPTED, step=6).write(workdir)
+  before = snapshot(workdir)
+
+  with pytest.raises(checkpoints.CheckpointMismatchError) as refused:
+    train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=4), workdir,
+                             trainers=trainers)
+  assert str(refused.value) == (
+      f"checkpoint {workdir}/checkpoints/6 is at step 6, past config.num_steps (4); a run is "
+      "not cut back below the steps it has trained: to continue it give config.num_steps >= "
+      "6, or start afresh in another --workdir")
+  assert snapshot(workdir) == before
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "summary.json"]
 
 
 @pytest.mark.slow
@@ -331,6 +514,23 @@ def test_lock_of_a_killed_process_does_not_block_the_resume(prepared_data_dir, t
   holder.wait()
   summary = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=1), workdir)
   assert summary.status == "completed"
+
+
+def test_removing_or_replacing_the_lock_file_lets_no_second_writer_in(
+    prepared_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  refusal = (f"workdir {workdir} is in use by another process; stop that run first, or choose "
+             "another --workdir")
+  with lock.WorkdirLock(workdir) as held:
+    os.remove(held.path)
+    with pytest.raises(lock.WorkdirError) as removed:
+      train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=1), workdir)
+    with open(held.path, "w") as f:
+      f.write("{}")
+    with pytest.raises(lock.WorkdirError) as replaced:
+      lock.WorkdirLock(workdir).acquire()
+  assert str(removed.value) == str(replaced.value) == refusal
+  assert os.listdir(workdir) == []
 
 
 # --- Disk full ---
