@@ -34,8 +34,9 @@ EXIT_INTERRUPTED = 130  # A second Ctrl-C: stopped at once; the last checkpoint 
 
 # Errors that refuse a run before it starts, their messages saying what is allowed: bad configs,
 # unprepared datasets and checkpoints of another run (ConfigError), workdirs in use, not
-# writable, or without a usable checkpoint (WorkdirError).
-REFUSALS = (config_lib.ConfigError, lock.WorkdirError)
+# writable, or without a usable checkpoint (WorkdirError), a record nothing can rebuild damaged
+# (RecordError: sweep.json, a finished run's config.json).
+REFUSALS = (config_lib.ConfigError, lock.WorkdirError, reporting.RecordError)
 
 
 def run(main: Callable[[list[str]], int]) -> None:

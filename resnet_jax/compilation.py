@@ -30,8 +30,9 @@ def use_cache(workdir: str) -> str:
   chosen = jax.config.jax_compilation_cache_dir
   if chosen:
     return chosen
+  # Not created here: JAX creates it at the first compilation, so a run refused before that
+  # (a checkpoint of another run, say) leaves nothing in its workdir.
   directory = os.path.join(os.path.abspath(workdir), CACHE_DIR)
-  os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   if os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS") is None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)

@@ -51,7 +51,6 @@ Command line (cli.py's conventions: bad input is one line `error: ...` and exit 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -230,8 +229,8 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     raise lock.WorkdirError(f"{workdir} is not a run's workdir: it has no "
                             f"{reporting.CONFIG_FILE} (python -m resnet_jax.main writes one)")
   config = config_lib.default_config()
-  with open(path) as f:
-    config.update(config_lib.upgrade_recorded(json.load(f)))  # Renamed fields, today's names.
+  # Renamed fields, today's names.
+  config.update(config_lib.upgrade_recorded(reporting.read_json(path, dict)))
   return config
 
 

@@ -24,14 +24,18 @@ from absl import flags
 from resnet_jax import cli, launch, parallel, reporting
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = cli.define_config_file("config", "configs/fashion_mnist.py",
-                                 "Config file, optionally with :args.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes; resumes if it exists.",
-                               required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in such a run.")
+# Only the running program defines its flags: a config file that imports this module would
+# define them a second time, which absl refuses.
+if __name__ == "__main__":
+  _CONFIG = cli.define_config_file("config", "configs/fashion_mnist.py",
+                                   "Config file, optionally with :args.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Where the run writes; resumes if it exists.",
+                                 required=True)
+  _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                     "host:port of process 0, for multi-process runs.")
+  _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                        "Processes in a multi-process run.")
+  _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in such a run.")
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -220,10 +219,24 @@ def save_sweep(sweep_config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_sweep(workdir: str) -> ml_collections.ConfigDict:
-  """The sweep config an earlier run saved in `workdir`."""
+  """The sweep config an earlier run saved in `workdir`.
+
+  Raises:
+    ConfigError: there is none.
+    reporting.RecordError: it is damaged (the message says how to write it again).
+  """
   path = os.path.join(workdir, SWEEP_FILE)
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f"{path} not found: pass --config=configs/sweeps/<name>.py")
-  with open(path) as f:
+  again = "pass --config=configs/sweeps/<name>.py to write it again"
+  try:
     # Field order matters (it names the points), and json keeps it.
-    return ml_collections.ConfigDict(json.load(f))
+    stored = reporting.read_json(path, dict, keys=("base", "points"))
+  except FileNotFoundError:
+    raise config_lib.ConfigError(f"{path} not found: pass --config=configs/sweeps/<name>.py"
+                                 ) from None
+  except reporting.RecordError as e:
+    raise reporting.RecordError(f"{e}; {again}") from None
+  if (not isinstance(stored["base"], str) or not isinstance(stored["points"], list)
+      or not all(isinstance(point, dict) for point in stored["points"])):
+    raise reporting.RecordError(f"{path} is damaged: base must be a string and points a list of "
+                                f"objects; {again}")
+  return ml_collections.ConfigDict(stored)

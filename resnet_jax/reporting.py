@@ -4,6 +4,11 @@ The records are defined here once: `Summary` (summary.json, what a run returns a
 shows) and the event kinds of metrics.jsonl (`TRAIN`, `EVAL`, `DIAGNOSTICS`). Only process 0
 writes; on the other processes every Reporter method is a no-op. TensorBoard event files are
 written with tensorboardX, so no TensorFlow is needed.
+
+Every JSON file resnet_jax reads back goes through `read_json`, which checks its shape and raises
+`RecordError` naming the file and what is wrong. What a damaged record then means is decided
+where it is read: a summary counts as absent (the run rebuilds it), damaged lines of
+metrics.jsonl are set aside in metrics.jsonl.damaged, files nothing can rebuild are refused.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+DAMAGED_SUFFIX = ".damaged"  # metrics.jsonl.damaged: lines of metrics.jsonl set aside.
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 
@@ -69,16 +75,67 @@ class Summary:
 
   @classmethod
   def read(cls, workdir: str) -> "Summary | None":
-    """The workdir's summary.json, or None when it has none."""
+    """The workdir's summary.json, or None when it has none.
+
+    A damaged one (not JSON, a field missing or of the wrong type) also counts as none, with a
+    warning: a summary is rebuilt from the run's checkpoint and metrics.jsonl when the run runs
+    again, so its run (or sweep point) counts as not finished.
+    """
     path = os.path.join(workdir, SUMMARY_FILE)
-    if not os.path.exists(path):
+    try:
+      stored = read_json(path, dict, keys=SUMMARY_COLUMNS)
+      for field in dataclasses.fields(cls):
+        value = stored[field.name]
+        kinds = {"str": str, "int": int}.get(field.type, (int, float))
+        if not isinstance(value, kinds) or isinstance(value, bool):
+          raise RecordError(f"{path}: field {field.name} is {value!r}, not a {field.type}")
+    except FileNotFoundError:
       return None
-    with open(path) as f:
-      stored = json.load(f)
+    except RecordError as e:
+      warn(f"{e}; counted as no summary: running the run again rebuilds it")
+      return None
     return cls(**{field.name: stored[field.name] for field in dataclasses.fields(cls)})
 
 
 SUMMARY_COLUMNS = tuple(field.name for field in dataclasses.fields(Summary))
+
+
+class RecordError(ValueError):
+  """A file resnet_jax wrote and reads back is damaged; the message names it and what is wrong."""
+
+
+def read_json(path: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
+  """The JSON value of the file at `path`, checked to be a `kind` (dict: with every one of
+  `keys`).
+
+  Raises:
+    FileNotFoundError: there is no file at `path`.
+    RecordError: it is not UTF-8, empty, not JSON, or not of that shape.
+  """
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except UnicodeDecodeError:
+    raise RecordError(f"{path} is damaged: it is not UTF-8 text") from None
+  except IsADirectoryError:
+    raise RecordError(f"{path} is a directory, not a file") from None
+  if not text.strip():
+    raise RecordError(f"{path} is damaged: it is empty")
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RecordError(f"{path} is damaged: not JSON ({e.msg}, line {e.lineno})") from None
+  if not isinstance(value, kind):
+    raise RecordError(f"{path} is damaged: it holds a JSON {_json_type(value)}, not a "
+                      f"{_json_type(kind())}")
+  if missing := [k for k in keys if k not in value]:
+    raise RecordError(f"{path} is damaged: it has no field {', '.join(missing)}")
+  return value
+
+
+def _json_type(value) -> str:
+  return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+          float: "number"}.get(type(value), "null")
 
 
 @contextlib.contextmanager
@@ -122,40 +179,81 @@ def warn(message: str) -> None:
 def read_metrics(workdir: str) -> list[dict]:
   """All events of a run's metrics.jsonl, in order ([] when there is none).
 
-  A last line cut short (the process was killed mid-write) is dropped with a warning; a bad line
-  before the last raises ValueError naming the file and line.
+  A last line cut short (the process was killed mid-write) is dropped with a warning; damaged
+  lines before it (not JSON, or not an event) are skipped with one warning naming the first.
+  A run that resumes sets them aside for good (`truncate_metrics`).
   """
-  return _read_events(os.path.join(workdir, METRICS_FILE))[0]
+  path = os.path.join(workdir, METRICS_FILE)
+  events, damaged = _read_events(path)
+  if damaged:
+    warn(f"{path}: skipped {_damaged_lines(damaged)}")
+  return events
 
 
-def _read_events(path: str) -> tuple[list[dict], bool]:
-  """(events, whether a torn last line was dropped)."""
+def _read_events(path: str) -> tuple[list[dict], list[tuple[int, str, str]]]:
+  """(the valid events, the damaged lines as (number, text, what is wrong)). A torn last line
+  is dropped with a warning, not counted damaged: a kill mid-write leaves one, and its record
+  is lost with the step it logged, which the resumed run logs again."""
   if not os.path.exists(path):
-    return [], False
-  with open(path) as f:
-    lines = f.read().split("\n")
-  events = []
+    return [], []
+  with open(path, "rb") as f:
+    lines = f.read().decode("utf-8", errors="replace").split("\n")
+  events, damaged = [], []
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
     try:
-      events.append(json.loads(line))
+      event = json.loads(line)
     except json.JSONDecodeError as e:
       if number == len(lines):  # Only the last line can be torn: every write ends with "\n".
         warn(f"{path}: dropped its last line, cut short ({len(line)} characters): {e.msg}")
-        return events, True
-      raise ValueError(f"{path} line {number} is not JSON ({e.msg}): {line[:80]!r}") from None
-  return events, False
+        continue
+      damaged.append((number, line, f"not JSON ({e.msg})"))
+      continue
+    if problem := _event_problem(event):
+      damaged.append((number, line, problem))
+    else:
+      events.append(event)
+  return events, damaged
+
+
+def _event_problem(event) -> str | None:
+  """What makes a JSON value not an event of metrics.jsonl (the fields readers rely on)."""
+  if not isinstance(event, dict):
+    return "not a JSON object"
+  needed = {"event": str, "step": int}
+  needed.update({TRAIN: {"loss": (int, float), "train_error": (int, float)},
+                 EVAL: {"test_error": (int, float)}}.get(event.get("event"), {}))
+  for key, kind in needed.items():
+    if not isinstance(event.get(key), kind) or isinstance(event.get(key), bool):
+      return f"field {key} is {event.get(key, '<absent>')!r}"
+  return None
+
+
+def _damaged_lines(damaged: list[tuple[int, str, str]]) -> str:
+  number, line, problem = damaged[0]
+  more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+  return f"{len(damaged)} damaged line(s): line {number}, {problem}: {line[:60]!r}{more}"
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops events after `last_step` (a resumed run logs those steps again) and a torn last line."""
+  """Drops events after `last_step` (a resumed run logs those steps again) and a torn last line;
+  moves damaged lines to metrics.jsonl.damaged (appended: never lost), with one warning."""
   path = os.path.join(workdir, METRICS_FILE)
-  events, torn = _read_events(path)
+  events, damaged = _read_events(path)
   kept = [e for e in events if e["step"] <= last_step]
-  if len(kept) == len(events) and not torn:
-    return
-  write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
+  if damaged:
+    with open(path + DAMAGED_SUFFIX, "a") as f:
+      f.write("".join(line + "\n" for _, line, _ in damaged))
+    warn(f"{path}: set {_damaged_lines(damaged)} aside in {path + DAMAGED_SUFFIX}")
+  text = "".join(json.dumps(e) + "\n" for e in kept)
+  if os.path.exists(path) and _read_text(path) != text:
+    write_text_atomic(path, text)
+
+
+def _read_text(path: str) -> str:
+  with open(path, "rb") as f:
+    return f.read().decode("utf-8", errors="replace")
 
 
 class Reporter:
@@ -172,7 +270,9 @@ class Reporter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # Imported late: only process 0 needs it.
-    self._metrics = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._metrics_path = os.path.join(workdir, METRICS_FILE)
+    # Readable too: if the file is removed under the run, what it held is still here to rewrite.
+    self._metrics = open(self._metrics_path, "a+")
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._bar = None
     if progress_bar and sys.stdout.isatty():
@@ -187,6 +287,7 @@ class Reporter:
     """Records one event: {"event": TRAIN | EVAL | DIAGNOSTICS, "step": int, ...}."""
     if not self.enabled:
       return
+    self._reattach_metrics()
     self._metrics.write(json.dumps(event) + "\n")
     self._metrics.flush()
     kind, step = event["event"], event["step"]
@@ -209,6 +310,25 @@ class Reporter:
         self._bar.write(f"step {step}: {text}")
     else:
       print(f"[{kind}] step {step} epoch {event.get('epoch', 0):.2f} {text}", flush=True)
+
+  def _reattach_metrics(self) -> None:
+    """If metrics.jsonl was removed or replaced since the run opened it, writes what the run's
+    open file holds back to its path (a replacement is set aside in metrics.jsonl.damaged first)
+    and goes on there, with one warning: no record is lost without a word."""
+    how = "removed"
+    with contextlib.suppress(FileNotFoundError):
+      if os.path.samestat(os.fstat(self._metrics.fileno()), os.stat(self._metrics_path)):
+        return
+      with open(self._metrics_path + DAMAGED_SUFFIX, "a") as aside:
+        aside.write(_read_text(self._metrics_path))
+      how = f"replaced (the replacement set aside in {self._metrics_path}{DAMAGED_SUFFIX})"
+    self._metrics.seek(0)
+    held = self._metrics.read()
+    write_text_atomic(self._metrics_path, held)
+    self._metrics.close()
+    self._metrics = open(self._metrics_path, "a+")
+    warn(f"{self._metrics_path} was {how} while this run wrote it: rewritten from the run's "
+         f"open copy ({held.count(chr(10))} events)")
 
   def close(self) -> None:
     if not self.enabled:

@@ -62,20 +62,36 @@ from absl import flags
 from resnet_jax import cli, launch, plots, points, reporting, results, runner
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = cli.define_config_file(
-    "config", None, "The sweep file, configs/sweeps/<name>.py; may be left out once the "
-    "workdir holds sweep.json.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory.", required=True)
-_LIST = flags.DEFINE_bool("list", False, "Print 'index name' per point and exit.")
-_POINT_INDEX = flags.DEFINE_integer("point_index", None, "Run only this point.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Points at once, one process each.")
-_DEVICES = flags.DEFINE_list("devices", [], "GPU ids handed to the parallel processes in turn.")
-_REPORT = flags.DEFINE_bool("report", False, "Rewrite results.csv and print it; run nothing.")
-_PLOT = flags.DEFINE_bool("plot", False, "As --report, and write the figures.")
-_PACK = flags.DEFINE_string(
-    "pack", "off", "How points share the machine: off, processes:N, population:N or auto.")
-_LOCK_TIMEOUT_S = flags.DEFINE_float(
-    "lock_timeout_s", 0.0, "Seconds a point waits for its workdir while another process holds it.")
+# The points language lived here before points.py; a sweep file written then still runs.
+_MOVED_TO_POINTS = ("axis", "product", "zipped", "chain")
+
+
+def __getattr__(name: str):
+  if name in _MOVED_TO_POINTS:
+    reporting.warn(f"resnet_jax.sweep.{name} is resnet_jax.points.{name} now: "
+                   f"`from resnet_jax import points` and call points.{name}")
+    return getattr(points, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Only the running program defines its flags: a sweep file that imports this module (as those
+# written for the earlier API do) would define them a second time, which absl refuses.
+if __name__ == "__main__":
+  _CONFIG = cli.define_config_file(
+      "config", None, "The sweep file, configs/sweeps/<name>.py; may be left out once the "
+      "workdir holds sweep.json.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory.", required=True)
+  _LIST = flags.DEFINE_bool("list", False, "Print 'index name' per point and exit.")
+  _POINT_INDEX = flags.DEFINE_integer("point_index", None, "Run only this point.")
+  _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points at once, one process each.")
+  _DEVICES = flags.DEFINE_list("devices", [], "GPU ids handed to the parallel processes in turn.")
+  _REPORT = flags.DEFINE_bool("report", False, "Rewrite results.csv and print it; run nothing.")
+  _PLOT = flags.DEFINE_bool("plot", False, "As --report, and write the figures.")
+  _PACK = flags.DEFINE_string(
+      "pack", "off", "How points share the machine: off, processes:N, population:N or auto.")
+  _LOCK_TIMEOUT_S = flags.DEFINE_float(
+      "lock_timeout_s", 0.0,
+      "Seconds a point waits for its workdir while another process holds it.")
 
 
 def main(argv: list[str]) -> int:

@@ -172,17 +172,29 @@ def completed_summary(workdir: str, config: ml_collections.ConfigDict
   """summary.json of this run if it completed, at its newest checkpoint, at least num_steps
   steps under a config that only differs in bookkeeping; else None (and the run goes on)."""
   newest = checkpoints.steps(os.path.join(workdir, "checkpoints"))
-  config_path = os.path.join(workdir, reporting.CONFIG_FILE)
-  summary = reporting.Summary.read(workdir)
-  if not newest or summary is None or not os.path.exists(config_path):
+  if not newest:
     return None
-  with open(config_path) as f:
-    stored_config = json.load(f)
+  stored_config = recorded_config(workdir)  # Warns if damaged: finished_summary rewrites it.
+  summary = reporting.Summary.read(workdir)
+  if stored_config is None or summary is None:
+    return None
   if (summary.status == reporting.COMPLETED and summary.step == newest[0]
       and newest[0] >= config.num_steps
       and not checkpoints.config_mismatches(stored_config, config)):
     return summary
   return None
+
+
+def recorded_config(workdir: str) -> dict | None:
+  """The run's config.json, or None if it has none or it is damaged (then with a warning: the
+  run writes it again from its config, which its checkpoint's config matched)."""
+  try:
+    return reporting.read_json(os.path.join(workdir, reporting.CONFIG_FILE), dict)
+  except FileNotFoundError:
+    return None
+  except reporting.RecordError as e:
+    reporting.warn(f"{e}; the run writes it again")
+    return None
 
 
 def finished_summary(config, workdir: str, start: checkpoints.Restored, num_params: int,
@@ -195,6 +207,13 @@ def finished_summary(config, workdir: str, start: checkpoints.Restored, num_para
   evaluation was never logged.
   """
   step = start.step
+  if jax.process_index() == 0:
+    config_path = os.path.join(workdir, reporting.CONFIG_FILE)
+    try:
+      reporting.read_json(config_path)
+    except (FileNotFoundError, reporting.RecordError):  # completed_summary said so.
+      reporting.write_json_atomic(config_path, config.to_dict())
+    reporting.truncate_metrics(workdir, step)  # Sets damaged lines aside, once.
   events = reporting.read_metrics(workdir)
   train = [e for e in events if e["event"] == reporting.TRAIN and e["step"] == step]
   evals = [e for e in events if e["event"] == reporting.EVAL and e["step"] == step]
