@@ -126,7 +126,7 @@ def read_json(path: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
   except json.JSONDecodeError as e:
     raise RecordError(f"{path} is damaged: not JSON ({e.msg}, line {e.lineno})") from None
   if not isinstance(value, kind):
-    raise RecordError(f"{path} is damaged: it holds a JSON {_json_type(value)}, not a "
+    raise RecordError(f"{path} is damaged: it holds {_json_type(value)}, not "
                       f"{_json_type(kind())}")
   if missing := [k for k in keys if k not in value]:
     raise RecordError(f"{path} is damaged: it has no field {', '.join(missing)}")
@@ -134,8 +134,8 @@ def read_json(path: str, kind: type = dict, keys: tuple[str, ...] = ()) -> Any:
 
 
 def _json_type(value) -> str:
-  return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
-          float: "number"}.get(type(value), "null")
+  return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+          float: "a number"}.get(type(value), "null")
 
 
 @contextlib.contextmanager

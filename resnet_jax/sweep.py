@@ -64,12 +64,15 @@ from resnet_jax import cli, launch, plots, points, reporting, results, runner
 
 # The points language lived here before points.py; a sweep file written then still runs.
 _MOVED_TO_POINTS = ("axis", "product", "zipped", "chain")
+_told: set[str] = set()  # Each moved name is pointed out once.
 
 
 def __getattr__(name: str):
   if name in _MOVED_TO_POINTS:
-    reporting.warn(f"resnet_jax.sweep.{name} is resnet_jax.points.{name} now: "
-                   f"`from resnet_jax import points` and call points.{name}")
+    if name not in _told:
+      _told.add(name)
+      reporting.warn(f"resnet_jax.sweep.{name} is resnet_jax.points.{name} now: "
+                     f"`from resnet_jax import points` and call points.{name}")
     return getattr(points, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

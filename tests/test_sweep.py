@@ -448,3 +448,59 @@ def test_bad_pack_is_refused_naming_the_modes(text, tmp_path):
 
 def test_auto_pack_is_the_platforms_measured_choice():
   assert runner.parse_pack("auto") == runner.parse_pack(runner.AUTO_PACK["cpu"])
+
+
+# --- Damaged records ---
+
+def test_a_damaged_point_summary_counts_as_started_and_the_sweep_runs_it_again(tmp_path,
+                                                                              capsys):
+  config = make_sweep(points.axis("depth", [20, 56]))
+  runner.run_sweep(config, str(tmp_path), run_fn=FakeRun())
+  path = tmp_path / "depth=56" / "summary.json"
+  stored = json.loads(path.read_text())
+  del stored["num_params"]
+  path.write_text(json.dumps(stored))
+  capsys.readouterr()
+
+  rows = results.results_table(points.expand(config), str(tmp_path))
+  assert [r["status"] for r in rows] == ["completed", "started"]
+  assert capsys.readouterr().err.splitlines() == [
+      f"warning: {path} is damaged: it has no field num_params; counted as no summary: "
+      "running the run again rebuilds it"]
+  again = FakeRun()
+  rows = runner.run_sweep(config, str(tmp_path), run_fn=again)
+  assert called_names(again) == ["depth=56"]
+  assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "it is empty"),
+    ('{"base": "configs/fashion_mnist.py", "poi', "not JSON (Unterminated string"),
+    ("[1, 2]", "it holds a list, not an object"),
+    ('{"base": "configs/fashion_mnist.py"}', "it has no field points"),
+    ('{"base": 3, "points": [{"lr": 0.1}]}', "base must be a string and points a list"),
+])
+def test_a_damaged_sweep_json_is_one_error_line_naming_it_and_the_fix(tmp_path, text, problem):
+  (tmp_path / "sweep.json").write_text(text)
+  out = run_cli(f"--workdir={tmp_path}", "--report")
+  assert out.returncode == 2
+  (line,) = out.stderr.splitlines()
+  assert line.startswith(f"error: {tmp_path}/sweep.json is damaged: {problem}")
+  assert line.endswith("; pass --config=configs/sweeps/<name>.py to write it again")
+  assert os.listdir(tmp_path) == ["sweep.json"]
+
+
+def test_a_sweep_file_of_the_earlier_api_still_runs_and_says_what_replaced_it(tmp_path):
+  # `from resnet_jax import sweep` inside the running sweep command used to define its flags a
+  # second time (DuplicateFlagError).
+  sweep_file = tmp_path / "old.py"
+  sweep_file.write_text(
+      "import ml_collections\nfrom resnet_jax import sweep\n\n\ndef get_config():\n"
+      "  return ml_collections.ConfigDict({'base': 'configs/fashion_mnist.py', "
+      "'points': sweep.product(sweep.axis('depth', [20]), sweep.axis('lr', [0.1, 0.2]))})\n")
+  out = run_cli(f"--config={sweep_file}", f"--workdir={tmp_path / 'run'}", "--list")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == ["0 depth=20,lr=0.1", "1 depth=20,lr=0.2"]
+  assert out.stderr.splitlines() == [  # Once a name.
+      f"warning: resnet_jax.sweep.{name} is resnet_jax.points.{name} now: `from resnet_jax "
+      f"import points` and call points.{name}" for name in ("product", "axis")]
