@@ -24,8 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import (checkpoints, cli, config as config_lib, lock, parallel, preemption,
-                        reporting, train)
+from resnet_jax import (checkpoints, cli, compilation, config as config_lib, lock, parallel,
+                        preemption, reporting, train)
 from resnet_jax import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -482,6 +482,118 @@ def test_torn_last_metrics_line_is_dropped_and_the_clock_runs_on(
   assert second.wall_time_s > first.wall_time_s > 0
   times = [e["wall_time_s"] for e in events]
   assert times == sorted(times)
+
+
+def write_metrics(workdir, lines: list[str]) -> str:
+  path = os.path.join(workdir, reporting.METRICS_FILE)
+  with open(path, "w") as f:
+    f.write("".join(line + "\n" for line in lines))
+  return path
+
+
+TRAIN_EVENT = '{"event": "train", "step": %d, "loss": 1.5, "train_error": 0.5}'
+
+
+def test_damaged_metrics_lines_are_set_aside_once_and_every_intact_event_kept(tmp_path, capsys):
+  intact = [TRAIN_EVENT % 1, TRAIN_EVENT % 2, TRAIN_EVENT % 3]
+  damaged = ["garbage{", '{"event": "eval", "step": 2}', "[1, 2]"]
+  path = write_metrics(tmp_path, [intact[0], damaged[0], intact[1], damaged[1], damaged[2],
+                                  intact[2]])
+
+  assert [e["step"] for e in reporting.read_metrics(str(tmp_path))] == [1, 2, 3]
+  reporting.truncate_metrics(str(tmp_path), 3)
+  assert [e["step"] for e in reporting.read_metrics(str(tmp_path))] == [1, 2, 3]
+  err = capsys.readouterr().err.splitlines()
+  assert err == [
+      f"warning: {path}: skipped 3 damaged line(s): line 2, not JSON (Expecting value): "
+      "'garbage{' and 2 more",
+      f"warning: {path}: set 3 damaged line(s): line 2, not JSON (Expecting value): 'garbage{{' "
+      f"and 2 more aside in {path}.damaged"]
+  with open(f"{path}.damaged") as f:
+    assert f.read().splitlines() == damaged
+  with open(path) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_a_damaged_summary_counts_as_none_with_one_warning_naming_it(tmp_path, capsys):
+  reporting.Summary.failed("x", step=3).write(str(tmp_path))
+  path = tmp_path / reporting.SUMMARY_FILE
+  for text, problem in [("", "it is empty"), ("{", "not JSON"), ('"x"', "it holds a string"),
+                        ('{"status": "completed"}', "it has no field message, step"),
+                        (path.read_text().replace('"step": 3', '"step": "3"'),
+                         "field step is '3', not a int")]:
+    path.write_text(text)
+    assert reporting.Summary.read(str(tmp_path)) is None
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: {path} is damaged: {problem}") or line.startswith(
+        f"warning: {path}: {problem}")
+    assert line.endswith("counted as no summary: running the run again rebuilds it")
+
+
+def test_metrics_removed_or_replaced_mid_run_is_rewritten_from_the_runs_open_copy(
+    tmp_path, capsys):
+  reporter = reporting.Reporter(str(tmp_path), num_steps=4, first_step=0, enabled=True,
+                                progress_bar=False)
+  path = os.path.join(tmp_path, reporting.METRICS_FILE)
+  try:
+    reporter.write(json.loads(TRAIN_EVENT % 1))
+    os.remove(path)
+    reporter.write(json.loads(TRAIN_EVENT % 2))
+    with open(f"{path}.new", "w") as f:
+      f.write("someone else's\n")
+    os.replace(f"{path}.new", path)
+    reporter.write(json.loads(TRAIN_EVENT % 3))
+  finally:
+    reporter.close()
+  assert [e["step"] for e in reporting.read_metrics(str(tmp_path))] == [1, 2, 3]
+  assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [
+      f"warning: {path} was removed while this run wrote it: rewritten from the run's open copy "
+      "(1 events)",
+      f"warning: {path} was replaced (the replacement set aside in {path}.damaged) while this "
+      "run wrote it: rewritten from the run's open copy (2 events)"]
+  with open(f"{path}.damaged") as f:
+    assert f.read() == "someone else's\n"
+
+
+@pytest.mark.slow
+def test_a_run_rebuilds_a_damaged_summary_and_config_and_sets_a_damaged_metrics_line_aside(
+    prepared_data_dir, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
+  path = os.path.join(workdir, reporting.METRICS_FILE)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  write_metrics(workdir, [lines[0], "not json", *lines[1:]])
+  for name, text in ((reporting.SUMMARY_FILE, '{"status": "completed"}'),
+                     (reporting.CONFIG_FILE, "\0\0\0")):
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write(text)
+  capsys.readouterr()
+
+  rebuilt = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=3), workdir)
+  warnings = capsys.readouterr().err.splitlines()
+  assert [w.split()[1].rstrip(":") for w in warnings] == [  # One line per damaged file.
+      f"{workdir}/config.json", f"{workdir}/summary.json", path]
+  for field in ("status", "step", "train_loss", "train_error", "test_error", "num_params"):
+    assert getattr(rebuilt, field) == getattr(summary, field)
+  with open(path) as f:
+    assert f.read().splitlines() == lines  # Every intact event, none twice.
+  with open(f"{path}.damaged") as f:
+    assert f.read() == "not json\n"
+  assert reporting.read_json(os.path.join(workdir, reporting.CONFIG_FILE))["num_steps"] == 3
+
+
+def test_choosing_a_runs_compilation_cache_creates_nothing_in_its_workdir(tmp_path):
+  # JAX creates it at the first compilation: a run refused before that leaves no xla_cache/.
+  chosen = jax.config.jax_compilation_cache_dir
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert compilation.use_cache(str(tmp_path / "run")) == str(tmp_path / "run" / "xla_cache")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", chosen)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+  assert os.listdir(tmp_path) == []
 
 
 # --- One writer per workdir ---
