@@ -352,6 +352,11 @@ MANIFEST_DAMAGE = {
         2, 1, "it has no checksums.json, though other checkpoints of this run are sealed"),
     "an empty step directory": (os.makedirs, 999, 2,
                                 "it is incomplete: it has no state or config item"),
+    "manifest a list": (lambda d: write_manifest(d, "[]"), 2, 1,
+                        "its checksum manifest checksums.json is unreadable (TypeError)"),
+    "a manifest entry a number": (
+        lambda d: write_manifest(d, json.dumps({"sha256": {"state/x": 3}})), 2, 1,
+        "its checksum manifest checksums.json is unreadable (TypeError)"),
 }
 
 
@@ -581,6 +586,17 @@ def test_a_run_rebuilds_a_damaged_summary_and_config_and_sets_a_damaged_metrics_
   with open(f"{path}.damaged") as f:
     assert f.read() == "not json\n"
   assert reporting.read_json(os.path.join(workdir, reporting.CONFIG_FILE))["num_steps"] == 3
+
+
+def test_a_damaged_config_json_is_refused_by_the_landscape_naming_it(tmp_path):
+  from resnet_jax import landscape  # pylint: disable=g-import-not-at-top
+  path = tmp_path / reporting.CONFIG_FILE
+  for text, problem in [("{", "not JSON (Expecting property name"), ("7", "it holds a number")]:
+    path.write_text(text)
+    with pytest.raises(reporting.RecordError) as refused:
+      landscape.run_config(str(tmp_path))
+    assert str(refused.value).startswith(f"{path} is damaged: {problem}")
+  assert issubclass(reporting.RecordError, cli.REFUSALS)  # One line `error: ...`, exit 2.
 
 
 def test_choosing_a_runs_compilation_cache_creates_nothing_in_its_workdir(tmp_path):
