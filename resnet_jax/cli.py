@@ -7,8 +7,9 @@
 - A full disk is one line `error: disk full: ...` and exit code 1; summary.json says `failed`
   with the cause, and the same command resumes once there is space.
 - Bad input (an unknown flag, a config file that is missing or broken, a config `validate`
-  rejects, an unprepared dataset, a workdir in use or unusable, a checkpoint of another run) ends
-  in one line `error: ...` on stderr and exit code 2, before anything is written.
+  rejects, an unprepared dataset, a workdir in use or unusable, a checkpoint of another run, a
+  damaged record nothing can rebuild) ends in one line `error: ...` on stderr and exit code 2,
+  before anything is written.
 - Exit codes, for people and schedulers: see EXIT_* below.
 """
 
