@@ -612,6 +612,96 @@ def test_choosing_a_runs_compilation_cache_creates_nothing_in_its_workdir(tmp_pa
   assert os.listdir(tmp_path) == []
 
 
+# --- Every file damaged three ways ---
+
+def walked_files(workdir: str) -> list[str]:
+  """The files of a run's workdir that a re-run may read, relative to it: every file outside
+  checkpoints/, and every file of its newest checkpoint except all but the largest of the
+  state's data files (the manifest vouches for each of those alike)."""
+  newest = str(checkpoints.steps(os.path.join(workdir, "checkpoints"))[0])
+  out, data = [], []
+  for path in sorted(snapshot(workdir)):
+    parts = path.split(os.sep)
+    if parts[0] == "checkpoints" and parts[1] != newest:
+      continue
+    if parts[0] == "checkpoints" and "d" in parts[3:-1]:  # state/ocdbt.process_0/d/<hash>
+      data.append(path)
+      continue
+    out.append(path)
+  return out + [max(data, key=lambda p: os.path.getsize(os.path.join(workdir, p)))]
+
+
+DAMAGE = {
+    "garbage": lambda data: b"\x00garbage\xff" * 3,
+    "empty": lambda data: b"",
+    "truncated": lambda data: data[:len(data) // 2],
+}
+
+
+@pytest.fixture(scope="module")
+def walk_runs(prepared_data_dir, tmp_path_factory) -> dict[str, str]:
+  """A run preempted after step 9 of 12 (checkpoints 6 and 9) and a finished one; the trainer
+  cache their re-runs share."""
+  root = tmp_path_factory.mktemp("walk")
+  trainers = trainer_lib.Cache()
+  preempted, finished = str(root / "preempted"), str(root / "finished")
+  train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=9), preempted,
+                           trainers=trainers)
+  stopped = reporting.Summary.read(preempted)
+  reporting.Summary(**{**stopped.to_dict(), "status": reporting.PREEMPTED,
+                       "message": "stopped by SIGTERM after step 9"}).write(preempted)
+  train.train_and_evaluate(tiny_config(prepared_data_dir), finished, trainers=trainers)
+  return {"preempted": preempted, "finished": finished, "trainers": trainers}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["preempted", "finished"])
+def test_every_file_damaged_three_ways_is_recovered_with_a_warning_or_refused_in_one_line(
+    prepared_data_dir, walk_runs, tmp_path, capsys, run):
+  source = walk_runs[run]
+  failures = []
+  for name in walked_files(source):
+    for how, damage in DAMAGE.items():
+      workdir = str(tmp_path / f"{how}-{name.replace(os.sep, '_')}")
+      shutil.copytree(source, workdir)
+      path = os.path.join(workdir, name)
+      with open(path, "rb") as f:
+        data = f.read()
+      with open(path, "wb") as f:
+        f.write(damage(data))
+      intact = {k: v for k, v in snapshot(workdir).items() if k != name}
+      capsys.readouterr()
+      case = f"{name} {how}"
+      try:
+        summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir,
+                                           trainers=walk_runs["trainers"])
+      except cli.REFUSALS as e:
+        err = capsys.readouterr().err.splitlines()
+        step_dir = os.path.join(workdir, *name.split(os.sep)[:2])
+        if not (name in str(e) or step_dir in str(e)) or len(err) > 1:
+          failures.append(f"{case}: refused without naming it: {e!r} {err}")
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"{case}: {reporting.brief(e)}")
+        continue
+      err = capsys.readouterr().err.splitlines()
+      if summary.status != "completed" or summary.step != NUM_STEPS:
+        failures.append(f"{case}: ended {summary.status} at {summary.step}: {summary.message}")
+      if len(err) > 1 or any(not line.startswith("warning: ") for line in err):
+        failures.append(f"{case}: not one warning line: {err}")
+      if name != reporting.METRICS_FILE:  # Every step logged once, the intact ones kept.
+        steps = [e["step"] for e in reporting.read_metrics(workdir) if e["event"] == "train"]
+        if steps != list(range(1, NUM_STEPS + 1)):
+          failures.append(f"{case}: train events of steps {steps}")
+      if run == "finished" and name != reporting.METRICS_FILE:
+        after = snapshot(workdir)
+        if changed := sorted(k for k, v in intact.items() if after.get(k) != v
+                             and k not in (reporting.CONFIG_FILE, reporting.SUMMARY_FILE)):
+          failures.append(f"{case}: changed {changed}")
+      shutil.rmtree(workdir)
+  assert not failures, "\n".join(failures)
+
+
 # --- One writer per workdir ---
 
 @pytest.mark.slow
