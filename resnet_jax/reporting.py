@@ -86,9 +86,10 @@ class Summary:
       stored = read_json(path, dict, keys=SUMMARY_COLUMNS)
       for field in dataclasses.fields(cls):
         value = stored[field.name]
-        kinds = {"str": str, "int": int}.get(field.type, (int, float))
+        kinds, wanted = {"str": (str, "a string"), "int": (int, "an integer")}.get(
+            field.type, ((int, float), "a number"))
         if not isinstance(value, kinds) or isinstance(value, bool):
-          raise RecordError(f"{path}: field {field.name} is {value!r}, not a {field.type}")
+          raise RecordError(f"{path} is damaged: field {field.name} is {value!r}, not {wanted}")
     except FileNotFoundError:
       return None
     except RecordError as e:
