@@ -2,8 +2,12 @@
 
 ImageNet does not fit in host memory, so examples are read from disk, decoded and cropped on the
 fly by Grain, in `config.dataset.worker_count` worker processes per host (0 = in the main
-process). `tfds.data_source` reads the ArrayRecord files without TensorFlow and hands back
-decoded numpy images (`image: uint8 [H, W, 3]`, `label: int64 []`).
+process). `tfds.data_source` reads the ArrayRecord files without TensorFlow and hands back the
+stored JPEG bytes undecoded (`image: bytes`, `label: int64 []`). The crop box is drawn from the
+size in the JPEG header, and the image is decoded straight into PIL's resize, without a numpy
+copy in between. The boxes and flips are the ones a full decode would draw (the same generator
+calls on the same image size). Batches leave worker processes through shared memory (Grain's
+mp_prefetch) as uint8; the train step normalises them on the device.
 
 The global stream does not depend on the number of hosts: the split is shuffled as a whole each
 epoch and host `p` of `P` takes every P-th example of it, so the examples of global step k are the
@@ -30,6 +34,7 @@ records one position per worker process.
 
 from __future__ import annotations
 
+import io
 import math
 
 from absl import flags
@@ -85,45 +90,60 @@ def inception_crop_box(height: int, width: int, rng: np.random.Generator) -> Box
   return central_crop_box(height, width)
 
 
-def resized_crop(image: np.ndarray, box: tuple[float, float, float, float],
-                 size: int) -> np.ndarray:
-  """The `box` (top, left, height, width) of `image: uint8 [H, W, 3]`, as uint8 [size, size, 3].
+def open_jpeg(encoded: bytes) -> PIL.Image.Image:
+  """The image in `encoded`, not yet decoded: PIL reads only the header (its size, its mode)."""
+  return PIL.Image.open(io.BytesIO(encoded))
+
+
+def decode_resized_crop(image: PIL.Image.Image, box: tuple[float, float, float, float],
+                        size: int) -> PIL.Image.Image:
+  """The `box` (top, left, height, width, in pixels of the full image) of the undecoded
+  `image`, decoded and resized to an RGB [size, size] image.
 
   Bilinear, antialiased when shrinking; the box may have fractional edges.
   """
   top, left, height, width = box
-  resized = PIL.Image.fromarray(image).resize(
-      (size, size), PIL.Image.Resampling.BILINEAR, box=(left, top, left + width, top + height))
-  return np.asarray(resized)
+  if image.mode != "RGB":  # Greyscale and CMYK JPEGs.
+    image = image.convert("RGB")
+  box = (left, top, left + width, top + height)
+  return image.resize((size, size), PIL.Image.Resampling.BILINEAR, box=box)
 
 
-def eval_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """`image: uint8 [H, W, 3]` with its shorter side resized to size / 0.875, centre `size` square.
-
-  Done as one resize of the matching box of the original image. Returns uint8 [size, size, 3].
-  """
-  height, width = image.shape[:2]
+def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+  """The box that evaluation resizes to `size`: the centre of an image whose shorter side is
+  resized to size / 0.875 (256 for 224), in pixels of the `height` x `width` original."""
   side = size * min(height, width) / round(size / EVAL_CROP_FRACTION)
-  return resized_crop(image, ((height - side) / 2, (width - side) / 2, side, side), size)
+  return (height - side) / 2, (width - side) / 2, side, side
+
+
+def eval_crop(encoded: bytes, size: int) -> np.ndarray:
+  """The JPEG `encoded` with its shorter side resized to size / 0.875, centre `size` square,
+  done as one resize of the matching box of the original image. Returns uint8 [size, size, 3]."""
+  image = open_jpeg(encoded)
+  width, height = image.size
+  return np.asarray(decode_resized_crop(image, eval_box(height, width, size), size))
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
-  """A TFDS example -> {image: uint8 [S, S, 3] random crop, flipped half the time; label: int32}."""
+  """A TFDS example with undecoded image -> {image: uint8 [S, S, 3] random crop, flipped half
+  the time; label: int32}."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image = element["image"]
-    box = inception_crop_box(image.shape[0], image.shape[1], rng)
-    image = resized_crop(image, box, self.image_size)
+    image = open_jpeg(element["image"])
+    width, height = image.size
+    box = inception_crop_box(height, width, rng)
+    image = decode_resized_crop(image, box, self.image_size)
     if rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {"image": np.ascontiguousarray(image), "label": np.int32(element["label"])}
+      image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+    return {"image": np.asarray(image), "label": np.int32(element["label"])}
 
 
 class EvalPreprocess(grain.transforms.Map):
-  """A TFDS example -> {image: uint8 [S, S, 3] centre crop; label: int32; mask: True}."""
+  """A TFDS example with undecoded image -> {image: uint8 [S, S, 3] centre crop; label: int32;
+  mask: True}."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
@@ -146,8 +166,10 @@ class EvalPadding(grain.transforms.Map):
 
 
 def data_source(dataset_cfg: ml_collections.ConfigDict, split: str):
-  """The TFDS ArrayRecord source of `split` (random access, decoded numpy examples)."""
-  return tfds.data_source(dataset_cfg.name, split=split, data_dir=dataset_cfg.data_dir or None)
+  """The TFDS ArrayRecord source of `split`: random access to examples whose `image` is the
+  stored (JPEG) bytes, left for the preprocessing to decode as far as it needs."""
+  return tfds.data_source(dataset_cfg.name, split=split, data_dir=dataset_cfg.data_dir or None,
+                          decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:

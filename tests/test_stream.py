@@ -7,6 +7,8 @@ image still travels with its own label.
 
 from __future__ import annotations
 
+import io
+
 import grain
 import jax
 import numpy as np
@@ -191,18 +193,24 @@ def test_central_crop_box_clamps_tall_images_to_ratio_three_quarters():
   assert stream.central_crop_box(100, 120) == (0, 0, 100, 120)
 
 
+def png(pixels: np.ndarray) -> bytes:
+  """`pixels` (uint8 [H, W, 3]) encoded losslessly, for tests that need exact pixel values."""
+  out = io.BytesIO()
+  PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
+  return out.getvalue()
+
+
 def test_eval_crop_resizes_the_shorter_side_then_keeps_the_centre():
   # A 64 x 128 horizontal ramp: the shorter side 64 -> 32 (= 28 / 0.875) halves the image and
   # the centre 28 columns of the resized image are columns 36..92 of the original.
   ramp = np.broadcast_to(np.arange(128, dtype=np.uint8)[None, :, None], (64, 128, 3))
-  crop = stream.eval_crop(np.ascontiguousarray(ramp), 28)
+  crop = stream.eval_crop(png(ramp), 28)
   assert crop.shape == (28, 28, 3)
   np.testing.assert_allclose(crop[14, :, 0], 36.5 + 2 * np.arange(28), atol=1)
 
 
 def test_train_preprocess_flips_about_half_the_images():
-  ramp = np.ascontiguousarray(
-      np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 64, 3)))
+  ramp = png(np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 64, 3)))
   transform = stream.TrainPreprocess(image_size=16)
   flipped = 0
   for seed in range(200):
