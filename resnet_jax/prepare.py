@@ -390,10 +390,13 @@ def shrink_jpeg(encoded: bytes, shorter_side: int) -> bytes:
   scale = shorter_side / min(width, height)
   size = (max(1, round(width * scale)), max(1, round(height * scale)))
   image = image.convert("RGB").resize(size, PIL.Image.Resampling.LANCZOS)
-  return _jpeg(image)
+  return encode_jpeg(image)
 
 
-def _jpeg(image: PIL.Image.Image) -> bytes:
+def encode_jpeg(image: PIL.Image.Image | np.ndarray) -> bytes:
+  """`image` (PIL, or uint8 [H, W, 3]) as JPEG bytes at JPEG_QUALITY."""
+  if isinstance(image, np.ndarray):
+    image = PIL.Image.fromarray(image)
   out = io.BytesIO()
   image.save(out, format="JPEG", quality=JPEG_QUALITY)
   return out.getvalue()
@@ -505,7 +508,7 @@ class _SyntheticImagenet:
 
     def example(index: int):
       label = index % len(synsets)
-      encoded = _jpeg(PIL.Image.fromarray(synthetic_image(self.seed, split, index, label)))
+      encoded = encode_jpeg(synthetic_image(self.seed, split, index, label))
       if self.shorter_side is not None:
         encoded = shrink_jpeg(encoded, self.shorter_side)
       # The real files' names: n01440764_10026.JPEG (train), ILSVRC2012_val_00000001.JPEG.

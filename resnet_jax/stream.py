@@ -3,11 +3,16 @@
 ImageNet does not fit in host memory, so examples are read from disk, decoded and cropped on the
 fly by Grain, in `config.dataset.worker_count` worker processes per host (0 = in the main
 process). `tfds.data_source` reads the ArrayRecord files without TensorFlow and hands back the
-stored JPEG bytes undecoded (`image: bytes`, `label: int64 []`). The crop box is drawn from the
-size in the JPEG header, and the image is decoded straight into PIL's resize, without a numpy
-copy in between. The boxes and flips are the ones a full decode would draw (the same generator
-calls on the same image size). Batches leave worker processes through shared memory (Grain's
-mp_prefetch) as uint8; the train step normalises them on the device.
+stored JPEG bytes undecoded (`image: bytes`, `label: int64 []`), so that each image is decoded
+only as far as its crop needs. The crop box is drawn from the size in the JPEG header; when the
+box will be shrunk by 2, 4 or 8 or more, the JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+(libjpeg's DCT scaling, through PIL's `Image.draft`), which costs less than a full decode, and
+goes straight into PIL's resize, without a numpy copy in between. The boxes and flips are the
+ones a full decode would draw (the same generator calls on the same image size); the pixels
+differ from a full decode then resize only in how each block of 2x2 to 8x8 pixels is averaged
+(by the decoder's scaled inverse DCT instead of the resize's bilinear weights). Batches leave
+worker processes through shared memory (Grain's mp_prefetch) as uint8; the train step
+normalises them on the device.
 
 The global stream does not depend on the number of hosts: the split is shuffled as a whole each
 epoch and host `p` of `P` takes every P-th example of it, so the examples of global step k are the
@@ -52,6 +57,9 @@ CROP_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 # Evaluation resizes the shorter side to image_size / 0.875 (256 for 224) and keeps the centre.
 EVAL_CROP_FRACTION = 0.875
+
+# The JPEG decoder's reduced sizes (libjpeg's DCT scaling), largest first.
+DCT_SCALES = (8, 4, 2)
 
 # Each element a worker produces is a whole batch. Two in progress per process let one batch's
 # records be read while PIL (which releases the GIL) works on the other; more parallelism comes
@@ -100,12 +108,24 @@ def decode_resized_crop(image: PIL.Image.Image, box: tuple[float, float, float, 
   """The `box` (top, left, height, width, in pixels of the full image) of the undecoded
   `image`, decoded and resized to an RGB [size, size] image.
 
-  Bilinear, antialiased when shrinking; the box may have fractional edges.
+  The JPEG is decoded at 1/8, 1/4 or 1/2 of its size, the smallest at which the box still
+  covers at least size x size decoded pixels, so the resize still shrinks or keeps the scale
+  and no detail the output could show is lost. Bilinear, antialiased when shrinking; the box may
+  have fractional edges.
   """
   top, left, height, width = box
+  scale = next((s for s in DCT_SCALES if min(height, width) >= s * size), 1)
+  if scale > 1:
+    full_width, full_height = image.size
+    # draft picks the largest DCT scale at which the image is at least the requested size; the
+    # floor division asks for exactly `scale`. It returns the full image's extent in decoded
+    # pixels; the decoded image may have one partial pixel more (the last block's remainder).
+    drafted = image.draft("RGB", (full_width // scale, full_height // scale))
+    # None: not a JPEG, so decoded at full size.
+    scale = 1 if drafted is None else full_width / drafted[1][2]
   if image.mode != "RGB":  # Greyscale and CMYK JPEGs.
     image = image.convert("RGB")
-  box = (left, top, left + width, top + height)
+  box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
   return image.resize((size, size), PIL.Image.Resampling.BILINEAR, box=box)
 
 
