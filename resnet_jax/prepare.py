@@ -71,8 +71,8 @@ IMAGENET_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 SYNTHETIC_IMAGENET = "synthetic_imagenet"  # Written as imagenet2012, in a data_dir of its own.
 # The datasets whose stored images --shorter_side can shrink.
 SHRINKABLE = ("imagenet2012", SYNTHETIC_IMAGENET)
-# What the JPEGs this module writes are encoded at: the quality FFCV's ImageNet files use, and
-# about what ILSVRC-2012's own files compress to.
+# The quality of the JPEGs this module writes: that of the ImageNet files FFCV trains from
+# (ffcv-imagenet's README).
 JPEG_QUALITY = 90
 
 
