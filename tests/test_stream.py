@@ -361,6 +361,17 @@ def test_train_preprocess_keeps_todays_boxes_and_flips():
     assert np.abs(out["image"].astype(np.float64) - reference).mean() < 4
 
 
+def test_greyscale_jpegs_come_out_as_rgb():
+  # ImageNet holds greyscale JPEGs; the model takes 3 channels.
+  image = PIL.Image.fromarray(prepare.synthetic_image(0, "train", 0, label=0))  # 375 x 500.
+  out = io.BytesIO()
+  image.convert("L").save(out, format="JPEG", quality=90)
+  for size in (CROP_SIZE, 224):  # Decoded at 1/4 and at full size.
+    crop = stream.eval_crop(out.getvalue(), size)
+    assert crop.shape == (size, size, 3)
+    np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
+
+
 @pytest.fixture(scope="module")
 def synthetic_imagenet_cfg(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("synthetic_imagenet"))
