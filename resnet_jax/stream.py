@@ -152,10 +152,13 @@ class TrainPreprocess(grain.transforms.RandomMap):
     self.image_size = image_size
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image = open_jpeg(element["image"])
-    width, height = image.size
-    box = inception_crop_box(height, width, rng)
-    image = decode_resized_crop(image, box, self.image_size)
+    try:
+      image = open_jpeg(element["image"])
+      width, height = image.size
+      box = inception_crop_box(height, width, rng)
+      image = decode_resized_crop(image, box, self.image_size)
+    except OSError as e:  # PIL's error for bytes that are not an image, or a truncated one.
+      raise undecodable(element, e) from e
     if rng.random() < 0.5:
       image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
     return {"image": np.asarray(image), "label": np.int32(element["label"])}
@@ -169,8 +172,18 @@ class EvalPreprocess(grain.transforms.Map):
     self.image_size = image_size
 
   def map(self, element: dict) -> dict:
-    return {"image": eval_crop(element["image"], self.image_size),
-            "label": np.int32(element["label"]), "mask": np.bool_(True)}
+    try:
+      image = eval_crop(element["image"], self.image_size)
+    except OSError as e:
+      raise undecodable(element, e) from e
+    return {"image": image, "label": np.int32(element["label"]), "mask": np.bool_(True)}
+
+
+def undecodable(element: dict, error: OSError) -> ValueError:
+  """The one-line error for a record whose image cannot be decoded, named by its file name."""
+  name = element.get("file_name", b"(no file_name)")
+  name = name.decode() if isinstance(name, bytes) else name
+  return ValueError(f"cannot decode the image of record {name}: {error}")
 
 
 class EvalPadding(grain.transforms.Map):

@@ -372,6 +372,16 @@ def test_greyscale_jpegs_come_out_as_rgb():
     np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
 
 
+@pytest.mark.parametrize("encoded", [b"not a jpeg", synthetic_jpeg(0)[:5000]],
+                         ids=["not_an_image", "truncated"])
+def test_an_undecodable_image_names_its_record_in_one_line(encoded):
+  element = {"image": encoded, "label": 1, "file_name": b"n01440764_1.JPEG"}
+  with pytest.raises(ValueError, match=r"^cannot decode the image of record n01440764_1\.JPEG: "):
+    stream.TrainPreprocess(image_size=CROP_SIZE).random_map(element, np.random.default_rng(0))
+  with pytest.raises(ValueError, match="n01440764_1.JPEG"):
+    stream.EvalPreprocess(image_size=CROP_SIZE).map(element)
+
+
 @pytest.fixture(scope="module")
 def synthetic_imagenet_cfg(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("synthetic_imagenet"))
