@@ -1,8 +1,9 @@
 """Tests for the streaming (Grain over TFDS ArrayRecord) input pipeline.
 
-They run on a tiny real TFDS dataset written to a temporary directory: 30 training and 13 eval
+Most run on a tiny real TFDS dataset written to a temporary directory: 30 training and 13 eval
 JPEGs of random sizes, each a solid colour that encodes its label, so a batch shows whether each
-image still travels with its own label.
+image still travels with its own label. The decoding tests use ImageNet-like JPEGs
+(resnet_jax.prepare.synthetic_image), whose detail a reduced-scale decode could lose.
 """
 
 from __future__ import annotations
