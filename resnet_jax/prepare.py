@@ -444,8 +444,9 @@ def _check_synthetic(data_dir: str | None, num_examples: int,
                      f"num_examples={num_examples}, num_validation={num_validation}")
 
 
-# Synthetic images: ImageNet's typical sizes. Most ILSVRC-2012 photographs are 500 pixels on the
-# longer side at 4:3 or 3:2, a minority portrait; the rest spread from a few hundred pixels up.
+# Synthetic images: ImageNet's typical sizes. Many ILSVRC-2012 photographs are 500 pixels on the
+# longer side (500 x 375, 500 x 333), some of them portrait; the rest spread from a few hundred
+# pixels up.
 _LONGER_SIDE_500 = 0.7
 _LONGER_SIDE_RANGE = (250, 800)
 _ASPECTS = ((4 / 3, 0.5), (3 / 2, 0.25), (1.0, 0.1), (5 / 4, 0.1), (16 / 9, 0.05))
@@ -453,7 +454,8 @@ _PORTRAIT = 0.25
 # Content that compresses like a photograph: a smooth random field built coarse to fine (each
 # level upsamples the last and adds detail at its own scale, in class-dependent colours), then
 # per-pixel luminance noise. Flat colours would compress to a few KB and decode unrealistically
-# fast. (downsampling factor, amplitude) per level; the amplitudes give about 100 KB at 500x375.
+# fast. (downsampling factor, amplitude) per level, set so that files are of photographs' sizes
+# (tests/test_prepare.py checks them).
 _LEVELS = ((64, 1.0), (16, 0.5), (4, 0.7))
 _PIXEL_NOISE = 12.0
 _SPLIT_IDS = {"train": 0, "validation": 1}
