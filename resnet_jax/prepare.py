@@ -1,6 +1,7 @@
 """Prepares the canonical TFDS datasets without TensorFlow.
 
     python -m resnet_jax.prepare fashion_mnist [--data_dir=DIR] [--manual_dir=DIR]
+    python -m resnet_jax.prepare synthetic_imagenet --data_dir=DIR --num_examples=N [--seed=S]
 
 The stock TFDS builders of mnist, fashion_mnist, cifar10 and cifar100 read their source files with
 TensorFlow and encode images with it. Here each stock builder is subclassed to read the same files
@@ -13,6 +14,16 @@ Sources: a `manual_dir` holding the official files, else (fashion_mnist) Debian'
 registered checksums. imagenet2012 needs the stock builder and hence TensorFlow
 (`pip install -e '.[imagenet-prepare]'`).
 
+`synthetic_imagenet` writes a stand-in for imagenet2012 with no download: the stock builder's
+name, version, features and splits (train, validation), so `tfds.data_source("imagenet2012",
+data_dir=DIR)` and the training pipeline read it as they read the real one, but its JPEGs are
+generated (`synthetic_image`), for benchmarks and tests. Its dataset_info.json says it is
+synthetic, and it needs a `--data_dir` of its own, so it is never mistaken for the real one.
+
+`--shorter_side=S` (imagenet2012, synthetic_imagenet) stores every image whose shorter side is
+over S pixels resized to a shorter side of S and re-encoded as a JPEG of quality 90: smaller
+files that decode faster (README, "ImageNet input"). Prepare it into its own `--data_dir`.
+
 TFDS writes into a temporary directory and renames it when complete, so an existing prepared
 dataset is never overwritten: preparing it again returns at once.
 """
@@ -20,8 +31,10 @@ dataset is never overwritten: preparing it again returns at once.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gzip
 import importlib.util
+import io
 import os
 import pickle
 import socket
@@ -55,6 +68,12 @@ _SOURCES = {
 }
 
 IMAGENET_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+SYNTHETIC_IMAGENET = "synthetic_imagenet"  # Written as imagenet2012, in a data_dir of its own.
+# The datasets whose stored images --shorter_side can shrink.
+SHRINKABLE = ("imagenet2012", SYNTHETIC_IMAGENET)
+# The quality of the JPEGs this module writes: that of the ImageNet files FFCV trains from
+# (ffcv-imagenet's README).
+JPEG_QUALITY = 90
 
 
 def command(name: str, data_dir: str | None = None) -> str:
@@ -68,7 +87,8 @@ def command(name: str, data_dir: str | None = None) -> str:
   return f"python -m resnet_jax.prepare {name}{flag}"
 
 
-def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None) -> str:
+def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
+            shorter_side: int | None = None) -> str:
   """Prepares dataset `name` in TFDS's ArrayRecord format; returns its directory.
 
   Args:
@@ -77,6 +97,8 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
       ~/tensorflow_datasets).
     manual_dir: a directory holding the official source files. None: Debian's Fashion-MNIST
       files where installed, otherwise the official download.
+    shorter_side: imagenet2012 only: store images with a shorter side over this many pixels
+      resized to it (None: as they are).
 
   Returns:
     The prepared dataset's directory, `data_dir/name/version`.
@@ -88,8 +110,9 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
   """
   if name not in DATASETS:
     raise ValueError(f"cannot prepare {name!r}; known datasets: {', '.join(DATASETS)}")
+  _check_shorter_side(name, shorter_side)
   if name == "imagenet2012":
-    return _prepare_imagenet(data_dir, manual_dir)
+    return _prepare_imagenet(data_dir, manual_dir, shorter_side)
   dataset_dir = Path(tfds.builder(name, data_dir=data_dir).data_dir)
   if _is_prepared(dataset_dir):
     return str(dataset_dir)
@@ -164,19 +187,25 @@ def _reachable(url: str, timeout_s: float = 5.0) -> bool:
 def _tf_free_builder(name: str, data_dir: str | None, source_dir: Path | None,
                      filenames: tuple[str, ...]) -> tfds.core.DatasetBuilder:
   """The stock TFDS builder of `name`, reading `filenames` from `source_dir` (None: download)."""
-  stock = tfds.builder_cls(name)
   reader = _IdxReader if name in ("mnist", "fashion_mnist") else _CifarReader
+  return _stock_builder_with(name, reader, data_dir, source_dir=source_dir, filenames=filenames,
+                             url=_SOURCES[name][0])
 
-  class TfFreeBuilder(reader, stock, skip_registration=True):
+
+def _stock_builder_with(name: str, mixin: type, data_dir: str | None,
+                        **attributes) -> tfds.core.DatasetBuilder:
+  """The stock TFDS builder of `name` with `mixin`'s methods first, `attributes` set on it."""
+  stock = tfds.builder_cls(name)
+
+  class TfFreeBuilder(mixin, stock, skip_registration=True):
     pass
 
   TfFreeBuilder.name = stock.name
   # The stock module: dataset_info.json records it, and TFDS looks up the registered checksums
   # of downloads beside it. Set after creation so TFDS's registry of classes by module is untouched.
   TfFreeBuilder.__module__ = stock.__module__
-  TfFreeBuilder.source_dir = source_dir
-  TfFreeBuilder.filenames = filenames
-  TfFreeBuilder.url = _SOURCES[name][0]
+  for key, value in attributes.items():
+    setattr(TfFreeBuilder, key, value)
   return TfFreeBuilder(data_dir=data_dir, file_format="array_record")
 
 
@@ -311,7 +340,17 @@ def _unpickle(raw: bytes) -> dict:
   return pickle.loads(raw, encoding="bytes")
 
 
-def _prepare_imagenet(data_dir: str | None, manual_dir: str | None) -> str:
+def _check_shorter_side(name: str, shorter_side: int | None) -> None:
+  if shorter_side is None:
+    return
+  if name not in SHRINKABLE:
+    raise ValueError(f"--shorter_side applies to {' and '.join(SHRINKABLE)}, not {name}")
+  if shorter_side < 1:
+    raise ValueError(f"--shorter_side must be a positive number of pixels; got {shorter_side}")
+
+
+def _prepare_imagenet(data_dir: str | None, manual_dir: str | None,
+                      shorter_side: int | None) -> str:
   """The stock TFDS builder, which needs TensorFlow to read the JPEG archives."""
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   if _is_prepared(Path(builder.data_dir)):
@@ -319,6 +358,9 @@ def _prepare_imagenet(data_dir: str | None, manual_dir: str | None) -> str:
   if importlib.util.find_spec("tensorflow") is None:
     raise ImportError(f"preparing imagenet2012 runs the stock TFDS builder, which needs "
                       f"TensorFlow; run:\n  {command('imagenet2012', data_dir)}")
+  if shorter_side is not None:
+    builder = _stock_builder_with("imagenet2012", _ShrinkImages, data_dir,
+                                  shorter_side=shorter_side)
   builder.download_and_prepare(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
@@ -326,14 +368,195 @@ def _prepare_imagenet(data_dir: str | None, manual_dir: str | None) -> str:
   return builder.data_dir
 
 
+class _ShrinkImages:
+  """Stores each image the stock builder yields with its shorter side at most `shorter_side`."""
+
+  shorter_side: int
+
+  def _generate_examples(self, *args, **kwargs):
+    for key, record in super()._generate_examples(*args, **kwargs):
+      image = record["image"]  # The stock builder yields file objects of the original JPEGs.
+      encoded = image if isinstance(image, bytes) else image.read()
+      yield key, {**record, "image": shrink_jpeg(encoded, self.shorter_side)}
+
+
+def shrink_jpeg(encoded: bytes, shorter_side: int) -> bytes:
+  """`encoded` (a JPEG) as it is if its shorter side is at most `shorter_side` pixels, else
+  resized to that shorter side (aspect ratio kept) and re-encoded as RGB at JPEG_QUALITY."""
+  image = PIL.Image.open(io.BytesIO(encoded))
+  width, height = image.size
+  if min(width, height) <= shorter_side:
+    return encoded
+  scale = shorter_side / min(width, height)
+  size = (max(1, round(width * scale)), max(1, round(height * scale)))
+  image = image.convert("RGB").resize(size, PIL.Image.Resampling.LANCZOS)
+  return encode_jpeg(image)
+
+
+def encode_jpeg(image: PIL.Image.Image | np.ndarray) -> bytes:
+  """`image` (PIL, or uint8 [H, W, 3]) as JPEG bytes at JPEG_QUALITY."""
+  if isinstance(image, np.ndarray):
+    image = PIL.Image.fromarray(image)
+  out = io.BytesIO()
+  image.save(out, format="JPEG", quality=JPEG_QUALITY)
+  return out.getvalue()
+
+
+def prepare_synthetic_imagenet(data_dir: str, *, num_examples: int,
+                               num_validation: int | None = None, seed: int = 0,
+                               shorter_side: int | None = None,
+                               threads: int | None = None) -> str:
+  """Writes a synthetic imagenet2012 (see the module docstring) into `data_dir`.
+
+  Args:
+    data_dir: the TFDS data directory; required, and best one no real imagenet2012 will share.
+    num_examples: training examples; labels are index % 1000, so 1000 or more cover every class.
+    num_validation: validation examples; None: num_examples // 25 (ILSVRC-2012's ratio, about),
+      at least 1.
+    seed: fixes every image; the same arguments write the same records.
+    shorter_side: as for `prepare`: store images at most this many pixels on the shorter side.
+    threads: images encoded at once (PIL and numpy release the GIL); None: one per core.
+
+  Returns:
+    The prepared dataset's directory, `data_dir/imagenet2012/5.1.0`.
+  """
+  if num_validation is None:
+    num_validation = max(1, num_examples // 25)
+  _check_synthetic(data_dir, num_examples, num_validation)
+  _check_shorter_side(SYNTHETIC_IMAGENET, shorter_side)
+  builder = _stock_builder_with(
+      "imagenet2012", _SyntheticImagenet, data_dir, num_examples=num_examples,
+      num_validation=num_validation, seed=seed, shorter_side=shorter_side,
+      threads=threads or os.cpu_count() or 1)
+  if _is_prepared(Path(builder.data_dir)):
+    return builder.data_dir
+  builder.download_and_prepare(file_format="array_record")
+  return builder.data_dir
+
+
+def _check_synthetic(data_dir: str | None, num_examples: int,
+                     num_validation: int | None) -> None:
+  if not data_dir:
+    raise ValueError(f"{SYNTHETIC_IMAGENET} writes a dataset named imagenet2012: give it a "
+                     f"--data_dir of its own, so it is never taken for the real one")
+  if num_examples < 1 or (num_validation is not None and num_validation < 1):
+    raise ValueError(f"{SYNTHETIC_IMAGENET} needs at least one example per split; got "
+                     f"num_examples={num_examples}, num_validation={num_validation}")
+
+
+# Synthetic images: ImageNet's typical sizes. Many ILSVRC-2012 photographs are 500 pixels on the
+# longer side (500 x 375, 500 x 333), some of them portrait; the rest spread from a few hundred
+# pixels up.
+_LONGER_SIDE_500 = 0.7
+_LONGER_SIDE_RANGE = (250, 800)
+_ASPECTS = ((4 / 3, 0.5), (3 / 2, 0.25), (1.0, 0.1), (5 / 4, 0.1), (16 / 9, 0.05))
+_PORTRAIT = 0.25
+# Content that compresses like a photograph: a smooth random field built coarse to fine (each
+# level upsamples the last and adds detail at its own scale, in class-dependent colours), then
+# per-pixel luminance noise. Flat colours would compress to a few KB and decode unrealistically
+# fast. (downsampling factor, amplitude) per level, set so that files are of photographs' sizes
+# (tests/test_prepare.py checks them).
+_LEVELS = ((64, 1.0), (16, 0.5), (4, 0.7))
+_PIXEL_NOISE = 12.0
+_SPLIT_IDS = {"train": 0, "validation": 1}
+
+
+def synthetic_image(seed: int, split: str, index: int, label: int) -> np.ndarray:
+  """Image `index` of `split` of the synthetic ImageNet: uint8 [H, W, 3], a function of its
+  arguments only. Its colours are drawn from statistics of (seed, label)."""
+  rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+  class_rng = np.random.default_rng([seed, 2, label])
+  if rng.random() < _LONGER_SIDE_500:
+    longer = 500
+  else:
+    longer = int(rng.integers(_LONGER_SIDE_RANGE[0], _LONGER_SIDE_RANGE[1] + 1))
+  aspects, weights = zip(*_ASPECTS)
+  shorter = round(longer / aspects[rng.choice(len(aspects), p=weights)])
+  height, width = (longer, shorter) if rng.random() < _PORTRAIT else (shorter, longer)
+  mean = class_rng.uniform(60, 195, 3)
+  colours = (class_rng.normal(0, 1, (3, 3)) * class_rng.uniform(15, 30)).astype(np.float32)
+  field = None
+  for factor, amplitude in _LEVELS:
+    size = (max(2, -(-width // factor)), max(2, -(-height // factor)))
+    level = rng.standard_normal((size[1], size[0], 3), np.float32) @ colours * amplitude
+    if field is not None:
+      level += np.asarray(field.resize(size, PIL.Image.Resampling.BICUBIC), np.float32) - 128
+    field = PIL.Image.fromarray(np.clip(level + 128, 0, 255).astype(np.uint8))
+  image = np.asarray(field.resize((width, height), PIL.Image.Resampling.BICUBIC), np.float32)
+  image = image + (mean - 128) + rng.standard_normal((height, width, 1), np.float32) * _PIXEL_NOISE
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+class _SyntheticImagenet:
+  """Generates imagenet2012's train and validation splits (see synthetic_image)."""
+
+  num_examples: int
+  num_validation: int
+  seed: int
+  shorter_side: int | None
+  threads: int
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    self.info.as_proto.description = (
+        f"SYNTHETIC stand-in for ILSVRC-2012 written by resnet_jax.prepare "
+        f"{SYNTHETIC_IMAGENET} (seed {self.seed}, shorter side {self.shorter_side or 'as drawn'}): "
+        f"generated JPEGs, not photographs; for benchmarks and tests only.")
+    return {"train": self._generate_examples("train", self.num_examples),
+            "validation": self._generate_examples("validation", self.num_validation)}
+
+  def _generate_examples(self, split: str, count: int):
+    synsets = self.info.features["label"].names
+
+    def example(index: int):
+      label = index % len(synsets)
+      encoded = encode_jpeg(synthetic_image(self.seed, split, index, label))
+      if self.shorter_side is not None:
+        encoded = shrink_jpeg(encoded, self.shorter_side)
+      # The real files' names: n01440764_10026.JPEG (train), ILSVRC2012_val_00000001.JPEG.
+      name = (f"{synsets[label]}_{index}.JPEG" if split == "train"
+              else f"ILSVRC2012_val_{index + 1:08d}.JPEG")
+      return name, {"file_name": name, "image": encoded, "label": label}
+
+    chunk = 64 * self.threads  # Bounds the encoded images held at once.
+    with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+      for start in range(0, count, chunk):
+        yield from pool.map(example, range(start, min(start + chunk, count)))
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("name", choices=DATASETS)
+  parser.add_argument("name", choices=(*DATASETS, SYNTHETIC_IMAGENET))
   parser.add_argument("--data_dir", default=None, help="TFDS data directory (default: TFDS's)")
   parser.add_argument("--manual_dir", default=None, help="directory holding the source files")
+  parser.add_argument("--shorter_side", type=int, default=None,
+                      help=f"{' and '.join(SHRINKABLE)}: store images at most this many pixels "
+                           f"on the shorter side (default: as they are)")
+  synthetic = parser.add_argument_group(f"{SYNTHETIC_IMAGENET} only")
+  synthetic.add_argument("--num_examples", type=int, default=None, help="training examples")
+  synthetic.add_argument("--num_validation", type=int, default=None,
+                         help="validation examples (default: num_examples // 25)")
+  synthetic.add_argument("--seed", type=int, default=0, help="fixes every image")
   args = parser.parse_args(argv)
-  print(prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir))
-
+  synthetic_only = {"--num_examples": args.num_examples, "--num_validation": args.num_validation}
+  if args.name != SYNTHETIC_IMAGENET and any(v is not None for v in synthetic_only.values()):
+    parser.error(f"{' and '.join(synthetic_only)} are for {SYNTHETIC_IMAGENET} only")
+  if args.name == SYNTHETIC_IMAGENET and args.num_examples is None:
+    parser.error(f"{SYNTHETIC_IMAGENET} needs --num_examples=N")
+  try:  # Bad arguments are refused before any work, in one line.
+    _check_shorter_side(args.name, args.shorter_side)
+    if args.name == SYNTHETIC_IMAGENET:
+      _check_synthetic(args.data_dir, args.num_examples, args.num_validation)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.name == SYNTHETIC_IMAGENET:
+    path = prepare_synthetic_imagenet(
+        args.data_dir, num_examples=args.num_examples, num_validation=args.num_validation,
+        seed=args.seed, shorter_side=args.shorter_side)
+  else:
+    path = prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                   shorter_side=args.shorter_side)
+  print(path)
 
 if __name__ == "__main__":
   main()

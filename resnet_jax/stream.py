@@ -2,8 +2,17 @@
 
 ImageNet does not fit in host memory, so examples are read from disk, decoded and cropped on the
 fly by Grain, in `config.dataset.worker_count` worker processes per host (0 = in the main
-process). `tfds.data_source` reads the ArrayRecord files without TensorFlow and hands back
-decoded numpy images (`image: uint8 [H, W, 3]`, `label: int64 []`).
+process). `tfds.data_source` reads the ArrayRecord files without TensorFlow and hands back the
+stored JPEG bytes undecoded (`image: bytes`, `label: int64 []`), so that each image is decoded
+only as far as its crop needs. The crop box is drawn from the size in the JPEG header; when the
+box will be shrunk by 2, 4 or 8 or more, the JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+(libjpeg's DCT scaling, through PIL's `Image.draft`), which costs less than a full decode, and
+goes straight into PIL's resize, without a numpy copy in between. The boxes and flips are the
+ones a full decode would draw (the same generator calls on the same image size); the pixels
+differ from a full decode then resize only in how each block of 2x2 to 8x8 pixels is averaged
+(by the decoder's scaled inverse DCT instead of the resize's bilinear weights). Batches leave
+worker processes through shared memory (Grain's mp_prefetch) as uint8; the train step
+normalises them on the device.
 
 The global stream does not depend on the number of hosts: the split is shuffled as a whole each
 epoch and host `p` of `P` takes every P-th example of it, so the examples of global step k are the
@@ -30,6 +39,7 @@ records one position per worker process.
 
 from __future__ import annotations
 
+import io
 import math
 
 from absl import flags
@@ -47,6 +57,9 @@ CROP_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 # Evaluation resizes the shorter side to image_size / 0.875 (256 for 224) and keeps the centre.
 EVAL_CROP_FRACTION = 0.875
+
+# The JPEG decoder's reduced sizes (libjpeg's DCT scaling), largest first.
+DCT_SCALES = (8, 4, 2)
 
 # Each element a worker produces is a whole batch. Two in progress per process let one batch's
 # records be read while PIL (which releases the GIL) works on the other; more parallelism comes
@@ -85,52 +98,92 @@ def inception_crop_box(height: int, width: int, rng: np.random.Generator) -> Box
   return central_crop_box(height, width)
 
 
-def resized_crop(image: np.ndarray, box: tuple[float, float, float, float],
-                 size: int) -> np.ndarray:
-  """The `box` (top, left, height, width) of `image: uint8 [H, W, 3]`, as uint8 [size, size, 3].
+def open_jpeg(encoded: bytes) -> PIL.Image.Image:
+  """The image in `encoded`, not yet decoded: PIL reads only the header (its size, its mode)."""
+  return PIL.Image.open(io.BytesIO(encoded))
 
-  Bilinear, antialiased when shrinking; the box may have fractional edges.
+
+def decode_resized_crop(image: PIL.Image.Image, box: tuple[float, float, float, float],
+                        size: int) -> PIL.Image.Image:
+  """The `box` (top, left, height, width, in pixels of the full image) of the undecoded
+  `image`, decoded and resized to an RGB [size, size] image.
+
+  The JPEG is decoded at 1/8, 1/4 or 1/2 of its size, the smallest at which the box still
+  covers at least size x size decoded pixels, so the resize still shrinks or keeps the scale
+  and no detail the output could show is lost. Bilinear, antialiased when shrinking; the box may
+  have fractional edges.
   """
   top, left, height, width = box
-  resized = PIL.Image.fromarray(image).resize(
-      (size, size), PIL.Image.Resampling.BILINEAR, box=(left, top, left + width, top + height))
-  return np.asarray(resized)
+  scale = next((s for s in DCT_SCALES if min(height, width) >= s * size), 1)
+  if scale > 1:
+    full_width, full_height = image.size
+    # draft picks the largest DCT scale at which the image is at least the requested size; the
+    # floor division asks for exactly `scale`. It returns the full image's extent in decoded
+    # pixels; the decoded image may have one partial pixel more (the last block's remainder).
+    drafted = image.draft("RGB", (full_width // scale, full_height // scale))
+    # None: not a JPEG, so decoded at full size.
+    scale = 1 if drafted is None else full_width / drafted[1][2]
+  if image.mode != "RGB":  # Greyscale and CMYK JPEGs.
+    image = image.convert("RGB")
+  box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+  return image.resize((size, size), PIL.Image.Resampling.BILINEAR, box=box)
 
 
-def eval_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """`image: uint8 [H, W, 3]` with its shorter side resized to size / 0.875, centre `size` square.
-
-  Done as one resize of the matching box of the original image. Returns uint8 [size, size, 3].
-  """
-  height, width = image.shape[:2]
+def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+  """The box that evaluation resizes to `size`: the centre of an image whose shorter side is
+  resized to size / 0.875 (256 for 224), in pixels of the `height` x `width` original."""
   side = size * min(height, width) / round(size / EVAL_CROP_FRACTION)
-  return resized_crop(image, ((height - side) / 2, (width - side) / 2, side, side), size)
+  return (height - side) / 2, (width - side) / 2, side, side
+
+
+def eval_crop(encoded: bytes, size: int) -> np.ndarray:
+  """The JPEG `encoded` with its shorter side resized to size / 0.875, centre `size` square,
+  done as one resize of the matching box of the original image. Returns uint8 [size, size, 3]."""
+  image = open_jpeg(encoded)
+  width, height = image.size
+  return np.asarray(decode_resized_crop(image, eval_box(height, width, size), size))
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
-  """A TFDS example -> {image: uint8 [S, S, 3] random crop, flipped half the time; label: int32}."""
+  """A TFDS example with undecoded image -> {image: uint8 [S, S, 3] random crop, flipped half
+  the time; label: int32}."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image = element["image"]
-    box = inception_crop_box(image.shape[0], image.shape[1], rng)
-    image = resized_crop(image, box, self.image_size)
+    try:
+      image = open_jpeg(element["image"])
+      width, height = image.size
+      box = inception_crop_box(height, width, rng)
+      image = decode_resized_crop(image, box, self.image_size)
+    except OSError as e:  # PIL's error for bytes that are not an image, or a truncated one.
+      raise undecodable(element, e) from e
     if rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {"image": np.ascontiguousarray(image), "label": np.int32(element["label"])}
+      image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+    return {"image": np.asarray(image), "label": np.int32(element["label"])}
 
 
 class EvalPreprocess(grain.transforms.Map):
-  """A TFDS example -> {image: uint8 [S, S, 3] centre crop; label: int32; mask: True}."""
+  """A TFDS example with undecoded image -> {image: uint8 [S, S, 3] centre crop; label: int32;
+  mask: True}."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
 
   def map(self, element: dict) -> dict:
-    return {"image": eval_crop(element["image"], self.image_size),
-            "label": np.int32(element["label"]), "mask": np.bool_(True)}
+    try:
+      image = eval_crop(element["image"], self.image_size)
+    except OSError as e:
+      raise undecodable(element, e) from e
+    return {"image": image, "label": np.int32(element["label"]), "mask": np.bool_(True)}
+
+
+def undecodable(element: dict, error: OSError) -> ValueError:
+  """The one-line error for a record whose image cannot be decoded, named by its file name."""
+  name = element.get("file_name", b"(no file_name)")
+  name = name.decode() if isinstance(name, bytes) else name
+  return ValueError(f"cannot decode the image of record {name}: {error}")
 
 
 class EvalPadding(grain.transforms.Map):
@@ -146,8 +199,10 @@ class EvalPadding(grain.transforms.Map):
 
 
 def data_source(dataset_cfg: ml_collections.ConfigDict, split: str):
-  """The TFDS ArrayRecord source of `split` (random access, decoded numpy examples)."""
-  return tfds.data_source(dataset_cfg.name, split=split, data_dir=dataset_cfg.data_dir or None)
+  """The TFDS ArrayRecord source of `split`: random access to examples whose `image` is the
+  stored (JPEG) bytes, left for the preprocessing to decode as far as it needs."""
+  return tfds.data_source(dataset_cfg.name, split=split, data_dir=dataset_cfg.data_dir or None,
+                          decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -185,3 +186,109 @@ def test_cifar10_archive_gives_each_id_its_image_in_hwc_and_its_label(write_arch
   assert info.features["label"].names == CIFAR10_NAMES
   assert str(info.version) == str(tfds.builder_cls("cifar10").VERSION)
   assert os.path.basename(info.data_dir) == str(info.version)
+
+
+# --- A synthetic imagenet2012, for benchmarks and tests. ---
+
+SYNTHETIC_TRAIN, SYNTHETIC_VALIDATION = 24, 6
+
+
+@pytest.fixture(scope="module")
+def synthetic_imagenet(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("synthetic_imagenet"))
+  prepare.prepare_synthetic_imagenet(data_dir, num_examples=SYNTHETIC_TRAIN,
+                                     num_validation=SYNTHETIC_VALIDATION, seed=5, threads=2)
+  return data_dir
+
+
+def jpeg_records(data_dir: str, split: str) -> list[dict]:
+  source = tfds.data_source("imagenet2012", split=split, data_dir=data_dir,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+  return source.__getitems__(range(len(source)))
+
+
+def test_synthetic_imagenet_is_read_as_imagenet2012_with_its_features_and_splits(
+    synthetic_imagenet):
+  sources = tfds.data_source("imagenet2012", data_dir=synthetic_imagenet)
+  assert {split: len(source) for split, source in sources.items()} == {
+      "train": SYNTHETIC_TRAIN, "validation": SYNTHETIC_VALIDATION}
+  record = sources["train"][0]
+  assert set(record) == {"image", "label", "file_name"}
+  assert record["image"].dtype == np.uint8 and record["image"].shape[2] == 3
+  info = tfds.builder("imagenet2012", data_dir=synthetic_imagenet).info
+  stock = tfds.builder_cls("imagenet2012")
+  assert str(info.version) == str(stock.VERSION)
+  assert info.features["label"].num_classes == 1000
+  assert info.file_format.value == "array_record"
+  dataset_info = Path(synthetic_imagenet, "imagenet2012", str(info.version), "dataset_info.json")
+  assert "SYNTHETIC" in dataset_info.read_text()
+
+
+def test_synthetic_labels_are_the_index_modulo_1000_and_named_like_imagenet_files(
+    synthetic_imagenet):
+  names = tfds.builder("imagenet2012", data_dir=synthetic_imagenet).info.features["label"].names
+  train = jpeg_records(synthetic_imagenet, "train")
+  assert sorted(r["label"] for r in train) == list(range(SYNTHETIC_TRAIN))
+  for record in train:
+    assert record["file_name"].decode() == f"{names[record['label']]}_{record['label']}.JPEG"
+  validation = jpeg_records(synthetic_imagenet, "validation")
+  assert sorted(r["file_name"].decode() for r in validation) == [
+      f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, SYNTHETIC_VALIDATION + 1)]
+
+
+def test_synthetic_images_are_jpegs_of_imagenet_sizes(synthetic_imagenet):
+  records = jpeg_records(synthetic_imagenet, "train")
+  sizes = [PIL.Image.open(io.BytesIO(r["image"])).size for r in records]
+  assert all(PIL.Image.open(io.BytesIO(r["image"])).format == "JPEG" for r in records)
+  assert all(250 * 9 // 16 <= min(s) and max(s) <= 800 for s in sizes)
+  assert (500, 375) in sizes and any(w < h for w, h in sizes)  # Landscape 4:3, and portraits.
+  # Photographs of 500 x 375 at quality 90 are about 100 KB; flat colours would be a few KB.
+  at_500x375 = [len(r["image"]) for r, s in zip(records, sizes) if s == (500, 375)]
+  assert 70_000 < np.mean(at_500x375) < 140_000
+
+
+def test_synthetic_images_are_fixed_by_the_seed():
+  image = prepare.synthetic_image(5, "train", 3, label=3)
+  np.testing.assert_array_equal(image, prepare.synthetic_image(5, "train", 3, label=3))
+  other_seed = prepare.synthetic_image(6, "train", 3, label=3)
+  assert other_seed.shape != image.shape or not np.array_equal(other_seed, image)
+  # Not flat: neighbouring pixels differ, as in photographs.
+  assert np.abs(np.diff(image.astype(int), axis=1)).mean() > 5
+
+
+def test_synthetic_imagenet_written_twice_holds_the_same_records(synthetic_imagenet, tmp_path):
+  prepare.prepare_synthetic_imagenet(str(tmp_path), num_examples=SYNTHETIC_TRAIN,
+                                     num_validation=SYNTHETIC_VALIDATION, seed=5, threads=1)
+  by_name = lambda records: {r["file_name"]: r["image"] for r in records}
+  assert (by_name(jpeg_records(str(tmp_path), "validation"))
+          == by_name(jpeg_records(synthetic_imagenet, "validation")))
+
+
+def test_shorter_side_stores_smaller_images_and_keeps_small_ones(tmp_path):
+  prepare.prepare_synthetic_imagenet(str(tmp_path), num_examples=6, num_validation=1,
+                                     shorter_side=256, threads=2)
+  for record in jpeg_records(str(tmp_path), "train"):
+    index = record["label"]  # Below 1000, the label is the index.
+    original = prepare.synthetic_image(0, "train", index, label=index).shape[:2]
+    assert min(PIL.Image.open(io.BytesIO(record["image"])).size) == min(256, *original)
+  small = prepare.encode_jpeg(np.zeros((100, 200, 3), np.uint8))
+  assert prepare.shrink_jpeg(small, 256) == small
+  shrunk = PIL.Image.open(io.BytesIO(prepare.shrink_jpeg(small, 50)))
+  assert shrunk.size == (100, 50) and shrunk.format == "JPEG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synthetic_imagenet", "--num_examples=10"], "give it a --data_dir of its own"),
+    (["synthetic_imagenet", "--data_dir=X"], "needs --num_examples=N"),
+    (["synthetic_imagenet", "--data_dir=X", "--num_examples=0"], "at least one example"),
+    (["fashion_mnist", "--shorter_side=256"], "--shorter_side applies to imagenet2012"),
+    (["imagenet2012", "--shorter_side=0"], "must be a positive number of pixels"),
+    (["mnist", "--num_examples=5"], "are for synthetic_imagenet only"),
+])
+def test_bad_prepare_arguments_stop_with_one_line(argv, message, capsys, tmp_path):
+  with pytest.raises(SystemExit) as exit_info:
+    prepare.main(argv)
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert message in error
+  assert not Path("X").exists()

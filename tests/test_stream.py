@@ -1,11 +1,15 @@
 """Tests for the streaming (Grain over TFDS ArrayRecord) input pipeline.
 
-They run on a tiny real TFDS dataset written to a temporary directory: 30 training and 13 eval
+Most run on a tiny real TFDS dataset written to a temporary directory: 30 training and 13 eval
 JPEGs of random sizes, each a solid colour that encodes its label, so a batch shows whether each
-image still travels with its own label.
+image still travels with its own label. The decoding tests use ImageNet-like JPEGs
+(resnet_jax.prepare.synthetic_image), whose detail a reduced-scale decode could lose.
 """
 
 from __future__ import annotations
+
+import io
+import sys
 
 import grain
 import jax
@@ -16,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from resnet_jax import config as config_lib
-from resnet_jax import stream
+from resnet_jax import prepare, stream
 
 NUM_TRAIN = 30
 NUM_EVAL = 13
@@ -191,18 +195,24 @@ def test_central_crop_box_clamps_tall_images_to_ratio_three_quarters():
   assert stream.central_crop_box(100, 120) == (0, 0, 100, 120)
 
 
+def png(pixels: np.ndarray) -> bytes:
+  """`pixels` (uint8 [H, W, 3]) encoded losslessly, for tests that need exact pixel values."""
+  out = io.BytesIO()
+  PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
+  return out.getvalue()
+
+
 def test_eval_crop_resizes_the_shorter_side_then_keeps_the_centre():
   # A 64 x 128 horizontal ramp: the shorter side 64 -> 32 (= 28 / 0.875) halves the image and
   # the centre 28 columns of the resized image are columns 36..92 of the original.
   ramp = np.broadcast_to(np.arange(128, dtype=np.uint8)[None, :, None], (64, 128, 3))
-  crop = stream.eval_crop(np.ascontiguousarray(ramp), 28)
+  crop = stream.eval_crop(png(ramp), 28)
   assert crop.shape == (28, 28, 3)
   np.testing.assert_allclose(crop[14, :, 0], 36.5 + 2 * np.arange(28), atol=1)
 
 
 def test_train_preprocess_flips_about_half_the_images():
-  ramp = np.ascontiguousarray(
-      np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 64, 3)))
+  ramp = png(np.broadcast_to(np.arange(0, 256, 4, dtype=np.uint8)[None, :, None], (64, 64, 3)))
   transform = stream.TrainPreprocess(image_size=16)
   flipped = 0
   for seed in range(200):
@@ -262,3 +272,137 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(dataset_cfg)
   for expected, batch in zip(in_process, from_workers):
     np.testing.assert_array_equal(batch["label"], expected["label"])
     np.testing.assert_array_equal(batch["image"], expected["image"])
+
+
+# --- Decoding only what the crop needs, on synthetic ImageNet-like JPEGs. ---
+
+CROP_SIZE = 48  # Small enough that most Inception boxes of a 500 x 375 image shrink by 2 to 8.
+
+
+def synthetic_jpeg(index: int) -> bytes:
+  return prepare.encode_jpeg(prepare.synthetic_image(0, "train", index, label=index))
+
+
+def full_decode_resized_crop(encoded: bytes, box, size: int) -> np.ndarray:
+  """The reference: the whole image decoded, then the box resized (the pipeline before issue 20)."""
+  full = PIL.Image.open(io.BytesIO(encoded)).convert("RGB")
+  top, left, height, width = box
+  return np.asarray(full.resize((size, size), PIL.Image.Resampling.BILINEAR,
+                                box=(left, top, left + width, top + height)))
+
+
+def test_header_size_is_the_decoded_size_so_the_boxes_are_a_full_decodes():
+  for index in range(3):
+    encoded = synthetic_jpeg(index)
+    decoded = np.asarray(PIL.Image.open(io.BytesIO(encoded)).convert("RGB"))
+    width, height = stream.open_jpeg(encoded).size
+    assert (height, width) == decoded.shape[:2]
+    # TrainPreprocess draws its box from the header size with the same generator calls.
+    assert (stream.inception_crop_box(height, width, np.random.default_rng(index))
+            == stream.inception_crop_box(*decoded.shape[:2], np.random.default_rng(index)))
+
+
+def test_decode_uses_the_smallest_dct_scale_whose_crop_still_covers_the_output():
+  encoded = synthetic_jpeg(1)
+  assert stream.open_jpeg(encoded).size == (500, 375)
+  cases = [  # (box, output size, decoded (width, height))
+      ((0, 0, 375, 500), 46, (63, 47)),  # 375 >= 8 x 46: 1/8.
+      ((0, 0, 200, 300), 48, (125, 94)),  # 200 >= 4 x 48, < 8 x 48: 1/4.
+      ((10, 20, 96, 96), 48, (250, 188)),  # 96 = 2 x 48: 1/2.
+      ((10, 20, 95, 300), 48, (500, 375)),  # 95 < 2 x 48: full size.
+  ]
+  for box, size, decoded_size in cases:
+    image = stream.open_jpeg(encoded)
+    crop = stream.decode_resized_crop(image, box, size)
+    assert image.size == decoded_size
+    assert crop.size == (size, size) and crop.mode == "RGB"
+
+
+def test_reduced_scale_crops_are_close_to_a_full_decode_then_resize():
+  scales_seen = set()
+  for index in range(4):
+    encoded = synthetic_jpeg(index)
+    width, height = stream.open_jpeg(encoded).size
+    for seed in range(3):
+      box = stream.inception_crop_box(height, width, np.random.default_rng(seed))
+      image = stream.open_jpeg(encoded)
+      crop = np.asarray(stream.decode_resized_crop(image, box, CROP_SIZE), np.float64)
+      scales_seen.add(width // image.size[0])
+      reference = full_decode_resized_crop(encoded, box, CROP_SIZE).astype(np.float64)
+      # Both the scaled inverse DCT and the resize average blocks of pixels with weights that
+      # sum to one, so each channel's mean is kept but for the uint8 rounding (0.5) and the
+      # box's partial blocks at its edges.
+      np.testing.assert_allclose(crop.mean(axis=(0, 1)), reference.mean(axis=(0, 1)), atol=1.0)
+      # Pixel by pixel, they differ in how they weight the pixels they average: a yardstick is
+      # what moving the crop by one output pixel changes, an augmentation far below what the
+      # random crop already does; the reduced decode must stay under a quarter of it.
+      top, left, box_height, box_width = box
+      step = box_width / CROP_SIZE
+      shift = left - step if left >= step else left + step  # Inside the image either way here.
+      assert 0 <= shift <= width - box_width
+      shifted = full_decode_resized_crop(encoded, (top, shift, box_height, box_width), CROP_SIZE)
+      one_pixel = np.sqrt(np.mean((shifted - reference) ** 2))
+      assert np.sqrt(np.mean((crop - reference) ** 2)) < one_pixel / 4
+  assert scales_seen >= {2, 4}
+
+
+def test_train_preprocess_keeps_todays_boxes_and_flips():
+  # The same generator calls as the full-decode pipeline: the box from the image size, then the
+  # flip; so the crop is the full-decode crop (at the output's scale) of the same box and flip.
+  encoded = synthetic_jpeg(2)
+  width, height = stream.open_jpeg(encoded).size
+  transform = stream.TrainPreprocess(image_size=CROP_SIZE)
+  for seed in range(6):
+    rng = np.random.default_rng(seed)
+    box = stream.inception_crop_box(height, width, rng)
+    reference = full_decode_resized_crop(encoded, box, CROP_SIZE).astype(np.float64)
+    if rng.random() < 0.5:
+      reference = reference[:, ::-1]
+    out = transform.random_map({"image": encoded, "label": 3}, np.random.default_rng(seed))
+    assert np.abs(out["image"].astype(np.float64) - reference).mean() < 4
+
+
+def test_greyscale_jpegs_come_out_as_rgb():
+  # ImageNet holds greyscale JPEGs; the model takes 3 channels.
+  image = PIL.Image.fromarray(prepare.synthetic_image(0, "train", 0, label=0))  # 375 x 500.
+  out = io.BytesIO()
+  image.convert("L").save(out, format="JPEG", quality=90)
+  for size in (CROP_SIZE, 224):  # Decoded at 1/4 and at full size.
+    crop = stream.eval_crop(out.getvalue(), size)
+    assert crop.shape == (size, size, 3)
+    np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
+
+
+@pytest.mark.parametrize("encoded", [b"not a jpeg", synthetic_jpeg(0)[:5000]],
+                         ids=["not_an_image", "truncated"])
+def test_an_undecodable_image_names_its_record_in_one_line(encoded):
+  element = {"image": encoded, "label": 1, "file_name": b"n01440764_1.JPEG"}
+  with pytest.raises(ValueError, match=r"^cannot decode the image of record n01440764_1\.JPEG: "):
+    stream.TrainPreprocess(image_size=CROP_SIZE).random_map(element, np.random.default_rng(0))
+  with pytest.raises(ValueError, match="n01440764_1.JPEG"):
+    stream.EvalPreprocess(image_size=CROP_SIZE).map(element)
+
+
+@pytest.fixture(scope="module")
+def synthetic_imagenet_cfg(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("synthetic_imagenet"))
+  prepare.prepare_synthetic_imagenet(data_dir, num_examples=12, num_validation=5, threads=2)
+  cfg = config_lib.default_config().dataset
+  cfg.name = "imagenet2012"
+  cfg.data_dir = data_dir
+  cfg.eval_split = "validation"
+  cfg.image_size = 224
+  cfg.worker_count = 0
+  return cfg
+
+
+def test_imagenet_batches_have_the_model_shapes_without_tensorflow(synthetic_imagenet_cfg):
+  train = take(stream.make_train_dataset(synthetic_imagenet_cfg, global_batch_size=4, seed=0), 2)
+  evaluation = list(stream.make_eval_dataset(synthetic_imagenet_cfg, global_batch_size=4))
+  for batch in train + evaluation:
+    assert batch["image"].shape == (4, 224, 224, 3)
+    assert batch["image"].dtype == np.uint8
+    assert batch["label"].dtype == np.int32
+  assert len(evaluation) == 2  # 5 examples, padded to 8.
+  assert np.concatenate([b["mask"] for b in evaluation]).sum() == 5
+  assert "tensorflow" not in sys.modules

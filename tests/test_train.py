@@ -8,10 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, config as config_lib, data, parallel, reporting, sources, train
+from resnet_jax import checkpoints, config as config_lib, data, parallel, prepare, reporting
+from resnet_jax import sources, train
 from resnet_jax import trainer as trainer_lib
 
 
@@ -160,32 +160,30 @@ def test_same_global_batch_gives_same_parameters_on_1_and_8_devices():
 
 
 @pytest.mark.slow
-def test_streamed_imagenet_run_resumes_its_grain_iterator_exactly(tmp_path, monkeypatch):
-  # TFDS's mock serves imagenet2012 records (random JPEG-sized images, 1000 classes) through
-  # tfds.data_source; its metadata is not mocked, so the two metadata reads are stubbed here.
-  info = data.DatasetInfo("imagenet2012", num_classes=1000, image_shape=(32, 32, 3),
-                          num_train=24, num_eval=24, mean=(0.485, 0.456, 0.406),
-                          std=(0.229, 0.224, 0.225))
-  monkeypatch.setattr(data, "check_prepared", lambda cfg: None)
-  monkeypatch.setattr(data, "dataset_info", lambda cfg: info)
+def test_streamed_imagenet_run_resumes_its_grain_iterator_exactly(tmp_path):
+  # A synthetic imagenet2012 in the canonical TFDS format (resnet_jax.prepare), read as the real
+  # one is: the stream reads its JPEG bytes undecoded, which TFDS's mock_data cannot serve
+  # without TensorFlow.
+  data_dir = str(tmp_path / "tfds")
+  prepare.prepare_synthetic_imagenet(data_dir, num_examples=24, num_validation=24, threads=2)
 
   def config(num_steps):
-    c = tiny_config("", num_steps=num_steps, **{"dataset.name": "imagenet2012",
-                                                "dataset.eval_split": "validation",
-                                                "dataset.image_size": 32,
-                                                "dataset.worker_count": 0,
-                                                "model.name": "resnet18",
-                                                # A quarter of the filters: the iterator's
-                                                # resumption is the point, not the size.
-                                                "model.width": 0.25})
+    c = tiny_config(data_dir, num_steps=num_steps, **{"dataset.name": "imagenet2012",
+                                                      "dataset.eval_split": "validation",
+                                                      "dataset.image_size": 32,
+                                                      "dataset.worker_count": 0,
+                                                      "model.name": "resnet18",
+                                                      # A quarter of the filters: the
+                                                      # iterator's resumption is the point,
+                                                      # not the size.
+                                                      "model.width": 0.25})
     c.eval_batch_size = 16
     return c
 
   straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-  with tfds.testing.mock_data(num_examples=24):
-    summary = train.train_and_evaluate(config(4), straight)
-    train.train_and_evaluate(config(2), interrupted)
-    resumed = train.train_and_evaluate(config(4), interrupted)
+  summary = train.train_and_evaluate(config(4), straight)
+  train.train_and_evaluate(config(2), interrupted)
+  resumed = train.train_and_evaluate(config(4), interrupted)
 
   assert summary.status == resumed.status == "completed"
   # ResNet-18 at a quarter width and 1000 classes (at full width, 11,689,512 as torchvision:
