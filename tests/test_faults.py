@@ -767,9 +767,13 @@ def tmpfs(path, options: str):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-  """A 4 MiB tmpfs: room for one tiny checkpoint (2.3 MB) but not for the next beside it."""
-  with tmpfs(tmp_path / "disk", "size=4m") as mount:
+def small_disk(tmp_path, straight_run):
+  """A tmpfs with room for one of the tiny run's checkpoints (one and a half of the straight
+  run's last, as the disk counts it) but not for the next beside it."""
+  newest = os.path.join(straight_run, "checkpoints", str(NUM_STEPS))
+  used = subprocess.run(["du", "-sk", newest], capture_output=True, text=True, check=True)
+  kib = int(used.stdout.split()[0])
+  with tmpfs(tmp_path / "disk", f"size={kib * 3 // 2}k") as mount:
     yield mount
 
 
