@@ -307,7 +307,12 @@ def _submit(workdir: str, submit: Callable[[], list[submitit.Job]],
 class _TimeLimitWarning:
   """In a task: submitit's USR2 (the time limit is near, or scancel --signal=USR2) becomes the
   SIGTERM a run stops on; `requeue()` then hands USR2 on to submitit's handler, which requeues
-  the job and exits (task 0; other tasks return)."""
+  the job and exits (task 0; other tasks return).
+
+  Once the run has returned, a USR2 is ignored, not handed on: a task can receive one scancel's
+  USR2 more than once (SLURM's controller signals the job and then its steps, and retries a
+  delivery a busy node was slow to answer). Handed to submitit while it requeues, a second USR2
+  would requeue the job again; after a completed run, it would requeue finished work."""
 
   def __enter__(self) -> _TimeLimitWarning:
     self.received = False
@@ -316,7 +321,7 @@ class _TimeLimitWarning:
     return self
 
   def __exit__(self, *exc) -> None:
-    signal.signal(self._signum, self._submitit_handler)
+    signal.signal(self._signum, signal.SIG_IGN)
 
   def _handle(self, signum, frame) -> None:
     del signum, frame
@@ -324,7 +329,7 @@ class _TimeLimitWarning:
     os.kill(os.getpid(), signal.SIGTERM)
 
   def requeue(self) -> None:
-    signal.signal(self._signum, self._submitit_handler)
+    signal.signal(self._signum, signal.SIG_IGN)
     self._submitit_handler(self._signum, None)
 
 
