@@ -179,7 +179,6 @@ def make_evaluator(eval_step, images: np.ndarray, labels: np.ndarray, *,
                             parallel.batch_sharded(mesh))
              for idx, mask in data.eval_batches(len(labels), chunk)]
 
-  @jax.jit
   def summed(points, coefficients, batch):
     variables = jax.tree.map(
         lambda *leaves: sum(coefficients[k] * leaf for k, leaf in enumerate(leaves)), *points)
@@ -187,15 +186,30 @@ def make_evaluator(eval_step, images: np.ndarray, labels: np.ndarray, *,
                              batch_stats=variables["batch_stats"], opt_state=(), seed=0)
     return eval_step(state, batch)
 
+  # One call at a time, each adding into the totals (row p at index p). On CPU host devices,
+  # XLA runs every device's part of a call on one thread pool, as large as the machine has
+  # cores, and a part that reaches the call's all-reduce holds its thread until every device's
+  # part gets there. With calls in flight the devices drift apart, the held threads starve the
+  # parts they wait for, and after 40 s XLA aborts the process (seen on 2 cores with 2 devices,
+  # calls independent or chained). A training step cannot drift: every device waits for the
+  # previous step's all-reduced state.
+  @jax.jit
+  def accumulate(points, coefficients, batch, totals, p):
+    return jax.tree.map(lambda t, m: t.at[p].add(m), totals,
+                        summed(points, coefficients, batch))
+
   def evaluate(points, coefficients):
     points = jax.device_put(tuple(points), parallel.replicated(mesh))
-    totals = []
-    for row in np.asarray(coefficients, np.float32):  # Dispatched ahead; one host sync below.
-      metrics = [summed(points, row, batch) for batch in batches]
-      totals.append(jax.tree.map(lambda *x: sum(x), *metrics))
+    coefficients = np.asarray(coefficients, np.float32)
+    shapes = jax.eval_shape(summed, points, coefficients[0], batches[0])
+    totals = jax.device_put(
+        jax.tree.map(lambda s: np.zeros(len(coefficients), s.dtype), shapes),
+        parallel.replicated(mesh))
+    for p, row in enumerate(coefficients):
+      for batch in batches:
+        totals = jax.block_until_ready(accumulate(points, row, batch, totals, np.int32(p)))
     totals = parallel.to_host(totals)
-    return (np.array([t["loss"] / t["count"] for t in totals]),
-            np.array([t["errors"] / t["count"] for t in totals]))
+    return totals["loss"] / totals["count"], totals["errors"] / totals["count"]
   return evaluate
 
 
