@@ -1,8 +1,8 @@
 """Faults injected into tiny real runs: nothing trained is lost, nothing written is wrong.
 
 Each test interrupts, corrupts or misuses a run of a quarter-width ResNet-20 on Fashion-MNIST
-(batch 16, 12 steps, constant learning rate) and checks that the run ends where an uninterrupted one ends,
-bitwise (one machine, one device count), with records that say what happened. Runs that must
+(batch 16, 12 steps, constant learning rate) and checks that the run ends where an uninterrupted
+one ends, bitwise (one machine, one device count), with records that say what happened. Runs that must
 receive a real signal or exit code run as `python -m resnet_jax.main` subprocesses; the rest run
 in-process.
 """
