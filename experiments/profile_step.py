@@ -132,7 +132,7 @@ def profile(spec: bench.BenchSpec, trace_dir: str, top: int = 10) -> dict:
   import jax
 
   bench_trainer, state, totals = bench.jax_trainer(spec)
-  compile_s = bench_trainer.compile(state, totals)
+  state, totals, compile_s = bench.compile_jax_steps(bench_trainer, state, totals)
 
   def run_steps(n: int) -> None:
     nonlocal state, totals

@@ -22,8 +22,9 @@ kept or set aside, is sealed. Any other checkpoint without one lost it, and is s
 
 **Matched.** The stored config is compared with the current one before the state is read, so a
 checkpoint of another network, dataset or recipe is refused (`CheckpointMismatchError`) with the
-fields that differ. Only the fields in `RESUMABLE_FIELDS` (bookkeeping) may differ, and
-`num_steps` only down to the checkpoint's step: a run is not cut back below what it has trained.
+fields that differ. Only the fields `config.ROLES` calls resumable (bookkeeping among them) may
+differ, and `num_steps` only down to the checkpoint's step: a run is not cut back below what it
+has trained.
 """
 
 from __future__ import annotations
@@ -55,19 +56,6 @@ _STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's record of a step's items.
 UNUSABLE_DIR = "unusable_checkpoints"  # Beside the checkpoints directory.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet committed.
 _HASH_CHUNK = 1 << 20
-
-# Fields that may change between an interrupted run and its resumption.
-RESUMABLE_FIELDS = frozenset({
-    "num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-    "profile_steps", "progress_bar", "diagnostics_every", "eval_batch_size",
-    # Steps per call: the loop program rounds in the last bits differently, as another CPU does.
-    "steps_per_call",
-    "dataset.data_dir", "num_epochs", "eval_every_epochs", "checkpoint_every_epochs",
-    # Instruments measure the run without changing it.
-    "sharpness_every", "sharpness_top", "sharpness_iters", "sharpness_batch_size",
-    "noise_scale_every", "noise_scale_parts",
-})
-
 
 class CheckpointMismatchError(config_lib.ConfigError):
   """A checkpoint exists but was written by a run this config cannot continue."""
@@ -279,8 +267,9 @@ def config_mismatches(stored: dict, current: ml_collections.ConfigDict) -> list[
          **_comparable(config_lib.upgrade_recorded(stored))}
   new = _comparable(current.to_dict())
   lines = []
+  resumable = config_lib.fields("resumable")
   for field in sorted(set(old) | set(new)):
-    if field in RESUMABLE_FIELDS or old.get(field) == new.get(field):
+    if field in resumable or old.get(field) == new.get(field):
       continue
     lines.append(f"{field}: checkpoint {old.get(field, '<absent>')!r}, "
                  f"config {new.get(field, '<absent>')!r}")
@@ -348,10 +337,11 @@ def _restore(step_dir: str, step: int, abstract_state, config, extra_items, *,
     raise _Unusable(f"its config is unreadable ({reporting.brief(e)})") from None
   mismatches = config_mismatches(stored["config"], config)
   if mismatches:
+    resumable = ", ".join(sorted(config_lib.fields("resumable")))
     raise CheckpointMismatchError(
         f"checkpoint {step_dir} was written by a different run; refusing to resume. "
         "Differences:\n  " + "\n  ".join(mismatches)
-        + f"\nOnly these fields may change on resume: {', '.join(sorted(RESUMABLE_FIELDS))}.")
+        + f"\nOnly these fields may change on resume: {resumable}.")
   if step > config.num_steps:  # Restored, the run would end as completed at `step`.
     raise CheckpointMismatchError(
         f"checkpoint {step_dir} is at step {step}, past config.num_steps ({config.num_steps}); "

@@ -13,6 +13,7 @@ rest of the code counts. The model's checks and tables live in resnet_jax/archit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -32,14 +33,6 @@ OPTIMIZERS = ("sgd", "lars")
 ARG_TYPES = {"depth": int, "skip": bool, "shortcut": str, "variant": str, "dtype": str,
              "width": float}
 MODEL_ARGS = tuple(ARG_TYPES)
-# Each field counted in epochs and the field counted in steps that it replaces when > 0, once the
-# train split's size is known (resolve_epochs).
-EPOCH_FIELDS = {
-    "num_epochs": "num_steps",
-    "optimizer.warmup_epochs": "optimizer.warmup_steps",
-    "eval_every_epochs": "eval_every",
-    "checkpoint_every_epochs": "checkpoint_every",
-}
 # The step counter (TrainState.step, the data order, Optax's schedules) is int32.
 MAX_STEPS = 2**31 - 1
 
@@ -117,10 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.diagnostics_every = 0  # >0: record per-block gradient and activation norms every k steps.
   # Instruments (resnet_jax/curvature.py), each its own compiled program beside the train step,
   # so with all of them off the step is the program it always was. Each measures the network
-  # after 0, k, 2k, ... updates (the final one included). On a 2-core AMD EPYC CPU (ResNet-20 at
-  # width 0.5, batch 128, Fashion-MNIST) a train step took 0.51 s, a sharpness measurement 18.6 s
-  # (20 Hessian-vector products: 36 steps' worth) and a noise-scale one 0.65 s (1.3 steps); their
-  # first calls also compiled for 36 s and 11 s.
+  # after 0, k, 2k, ... updates (the final one included); what each costs is in the README.
   c.sharpness_every = 0  # >0: record the training loss Hessian's top eigenvalues every k steps.
   c.sharpness_top = 1  # How many of the largest eigenvalues (Lanczos).
   c.sharpness_iters = 20  # Lanczos iterations (Hessian-vector products) per measurement.
@@ -129,6 +119,80 @@ def default_config() -> ml_collections.ConfigDict:
   c.noise_scale_parts = 4  # The global batch's gradient is compared with those of this many parts.
   c.progress_bar = True  # Only drawn when stdout is a terminal.
   return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+  """What a config field is to the code past validate(), beyond its default.
+
+  A field without a Role is compiled into the programs (it decides the network, the data or the
+  recipe) and fixed for a run's life: runs that differ in it share no program, and a checkpoint
+  of one value is refused by a run of another.
+  """
+  # An input of the compiled programs (held in the state), not compiled in: runs that differ
+  # only in such fields share programs and may train as one population.
+  step_input: bool = False
+  # No compiled program depends on it (implies resumable).
+  bookkeeping: bool = False
+  # May change when an interrupted run resumes: it changes how the run is watched or how long
+  # it goes on, not what a step computes.
+  resumable: bool = False
+  # An interval in steps (0 = off) at which the loop has work: a call of several steps ends
+  # there, so the work falls on the same steps whatever steps_per_call is.
+  every: bool = False
+  # Work that only a run trained alone records: runs with it on are not packed into a population.
+  alone: bool = False
+  # A length in epochs: when > 0 it replaces this steps field (resolve_epochs).
+  replaces: str = ""
+
+
+# Every field's role, by dotted path; a field not listed has none (see Role). The lists the code
+# needs (which fields the compiled programs depend on, which may change on resume, where a call
+# of several steps ends, ...) are derived from this table by fields().
+ROLES: dict[str, Role] = {
+    "seed": Role(step_input=True),
+    "optimizer.lr": Role(step_input=True),
+    "optimizer.momentum": Role(step_input=True),
+    "optimizer.weight_decay": Role(step_input=True),
+    "num_steps": Role(resumable=True),  # Not below the checkpoint's step (checkpoints.py).
+    "num_epochs": Role(bookkeeping=True, replaces="num_steps"),
+    "optimizer.warmup_epochs": Role(replaces="optimizer.warmup_steps"),
+    "log_every": Role(bookkeeping=True, every=True),
+    "eval_every": Role(bookkeeping=True, every=True),
+    "eval_every_epochs": Role(bookkeeping=True, replaces="eval_every"),
+    "checkpoint_every": Role(bookkeeping=True, every=True),
+    "checkpoint_every_epochs": Role(bookkeeping=True, replaces="checkpoint_every"),
+    "keep_checkpoints": Role(bookkeeping=True),
+    "progress_bar": Role(bookkeeping=True),
+    "profile_steps": Role(bookkeeping=True, alone=True),
+    "diagnostics_every": Role(bookkeeping=True, every=True, alone=True),
+    # The eval program's batch: the evaluation's sums come out the same up to rounding.
+    "eval_batch_size": Role(resumable=True),
+    # The loop program rounds in the last bits differently, as another CPU does.
+    "steps_per_call": Role(resumable=True),
+    "dataset.data_dir": Role(resumable=True),
+    # The instruments measure the run without changing it; each is a program of its own.
+    "sharpness_every": Role(resumable=True, every=True, alone=True),
+    "sharpness_top": Role(resumable=True),
+    "sharpness_iters": Role(resumable=True),
+    "sharpness_batch_size": Role(resumable=True),
+    "noise_scale_every": Role(resumable=True, every=True, alone=True),
+    "noise_scale_parts": Role(resumable=True),
+}
+
+
+def fields(role: str) -> tuple[str, ...]:
+  """The fields that have `role` (a Role attribute): fields("every"), fields("resumable"),
+  which counts the bookkeeping fields too."""
+  if role not in {f.name for f in dataclasses.fields(Role)} - {"replaces"}:
+    raise ValueError(f"no such role: {role!r}")
+  return tuple(path for path, r in ROLES.items()
+               if getattr(r, role) or role == "resumable" and r.bookkeeping)
+
+
+def epoch_fields() -> dict[str, str]:
+  """{epochs field: the steps field it replaces when > 0}."""
+  return {path: r.replaces for path, r in ROLES.items() if r.replaces}
 
 
 def upgrade_recorded(recorded: dict) -> dict:
@@ -261,7 +325,7 @@ def _set(config: ml_collections.ConfigDict, path: str, value) -> None:
 
 def resolve_epochs(config: ml_collections.ConfigDict,
                    train_size: int) -> ml_collections.ConfigDict:
-  """A copy of `config` with each steps field whose epochs field is > 0 set from it (EPOCH_FIELDS).
+  """A copy of `config` with each steps field whose epochs field is > 0 set from it (Role.replaces).
 
   steps = epochs_to_steps(epochs, steps_per_epoch(train_size, config.batch_size)). The epochs
   fields are kept, so resolving the copy again changes nothing. Needs config.batch_size > 0 and
@@ -273,7 +337,7 @@ def resolve_epochs(config: ml_collections.ConfigDict,
   """
   resolved = copy.deepcopy(config)
   per_epoch = steps_per_epoch(train_size, config.batch_size)
-  for epochs_field, steps_field in EPOCH_FIELDS.items():
+  for epochs_field, steps_field in epoch_fields().items():
     if config[epochs_field] > 0:
       _set(resolved, steps_field, epochs_to_steps(config[epochs_field], per_epoch))
   return resolved
@@ -379,7 +443,7 @@ def _step_errors(config: ml_collections.ConfigDict, train_size: int | None) -> l
   boundaries, eval and checkpoint intervals. validate()'s last part; `train_size` as there."""
   errors: list[str] = []
   epochs_given = {}  # steps field -> the epochs field that replaces it.
-  for epochs_field, steps_field in EPOCH_FIELDS.items():
+  for epochs_field, steps_field in epoch_fields().items():
     _positive(errors, f"config.{epochs_field}", config[epochs_field], allow_zero=True)
     if config[epochs_field] != 0:
       epochs_given[steps_field] = epochs_field

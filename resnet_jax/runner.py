@@ -180,19 +180,19 @@ def _populations(todo: list[points.Point], size: int) -> list[list[points.Point]
 
 def run_population(group: list[points.Point], workdir: str, trainers,
                    lock_timeout_s: float = 0.0) -> list[reporting.Summary | None]:
-  """Runs the points as one population (population.train_population); a failure is recorded
+  """Runs the points as one population (train.train_population); a failure is recorded
   in each point's summary, not raised. None for points left to another process (a held
   workdir): then none of the group ran."""
-  from resnet_jax import population  # Late: it imports JAX.
+  from resnet_jax import train  # Late: it imports JAX.
   names = ", ".join(point.name for point in group)
   for point in group:
     _clear_summary(point.run_dir(workdir))
     os.makedirs(point.run_dir(workdir), exist_ok=True)
     _say(point, f"running in {point.run_dir(workdir)}, in a population of {len(group)}")
   try:
-    summaries = population.train_population([p.config for p in group],
-                                            [p.run_dir(workdir) for p in group],
-                                            trainers=trainers, lock_timeout_s=lock_timeout_s)
+    summaries = train.train_population([p.config for p in group],
+                                       [p.run_dir(workdir) for p in group],
+                                       trainers=trainers, lock_timeout_s=lock_timeout_s)
   except lock.WorkdirError as e:
     reporting.warn(f"population {names} skipped: {e}")
     return [None] * len(group)

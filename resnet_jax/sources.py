@@ -1,22 +1,7 @@
 """Batch sources: where the compiled steps get their batches, and what a checkpoint saves of them.
 
-A source is not a trainer: `trainer.build` compiles the steps once and asks the source only for
-
-  train_inputs()            the argument the compiled train step takes at the next step;
-  train_spec                its shapes, dtypes and shardings, to compile ahead of the first step;
-  stacks_steps              whether train_inputs() changes from step to step (a batch each), so
-                            that a call of several steps (trainer.py) takes several, stacked;
-  train_batch(inputs, state)  traced inside the step: {"image": uint8 [B, H, W, C] augmented,
-                            "label": int32 [B]};
-  eval_inputs()             one pass over the eval split, one argument per compiled eval step;
-  eval_batch(inputs)        traced inside the eval step: the batch with "mask": bool [B];
-  checkpoint_items(restore)  extra Orbax items saved with each checkpoint ({} when none);
-  measure_inputs()          the argument of the instruments' programs (trainer.py, curvature.py),
-                            without advancing anything; raises ValueError where the source
-                            cannot draw measurement batches;
-  measure_batch(inputs, key, batch_size)  traced inside an instrument: {"image": uint8
-                            [batch_size, H, W, C] NOT augmented, "label": int32 [batch_size]},
-                            examples of the training split drawn independently by `key`.
+A source is not a trainer: `trainer.build` compiles the steps once around a `Source` (the
+Protocol below) and asks it only for its inputs and how to make a batch of them inside a step.
 
 `InMemory` holds small datasets (Fashion-MNIST, MNIST, CIFAR) on the devices whole: the step
 gathers and augments its own batch by index, a pure function of (seed, step), so nothing is saved.
@@ -29,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +23,41 @@ import ml_collections
 from resnet_jax import data, parallel
 
 
-def make_source(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh):
+class Source(Protocol):
+  """What the trainer asks a source for. Batches are made inside the compiled programs, from
+  inputs that the host hands in."""
+
+  # Whether train_inputs() changes from step to step (a batch each), so that a call of several
+  # steps (trainer.py) takes several, stacked.
+  stacks_steps: bool
+  # train_inputs()'s shapes, dtypes and shardings (jax.ShapeDtypeStruct).
+  train_spec: Any
+
+  def train_inputs(self) -> Any:
+    """The argument the compiled train step takes at the next step."""
+
+  def train_batch(self, inputs: Any, state: Any) -> dict[str, jax.Array]:
+    """Traced inside the step: {"image": uint8 [B, H, W, C] augmented, "label": int32 [B]}."""
+
+  def eval_inputs(self) -> Iterable[Any]:
+    """One pass over the eval split: one argument per call of the eval step."""
+
+  def eval_batch(self, inputs: Any) -> dict[str, jax.Array]:
+    """Traced inside the eval step: the padded batch, with "mask": bool [B]."""
+
+  def checkpoint_items(self, restore: bool) -> dict:
+    """Extra Orbax items saved with each checkpoint (restore=False) or restored ({}: none)."""
+
+  def measure_inputs(self) -> Any:
+    """The argument of the instruments' programs (trainer.py, curvature.py), advancing nothing;
+    raises ValueError where the source cannot draw measurement batches."""
+
+  def measure_batch(self, inputs: Any, key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
+    """Traced inside an instrument: {"image": uint8 [batch_size, H, W, C] NOT augmented,
+    "label": int32 [batch_size]}, training examples drawn independently by `key`."""
+
+
+def make_source(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh) -> Source:
   """The configured dataset's source: streamed for data.STREAMED datasets, else in memory."""
   if config.dataset.name in data.STREAMED:
     return streamed(config, info, mesh)

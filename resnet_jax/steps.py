@@ -41,13 +41,32 @@ def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The loss of each example: softmax cross-entropy in float32, [B] from logits [B, classes]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def training_loss(params, batch_stats, images: jax.Array, labels: jax.Array, *, model,
+                  mutable=("batch_stats",)) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+  """The loss the train step descends, as a function of `params`: (the batch's mean
+  cross-entropy, (logits, the `mutable` collections' updates)).
+
+  BatchNorm runs in train mode, on the batch's own statistics; the running statistics
+  `batch_stats` go unused. Weight decay is the optimizer's (optim.py), not a term here.
+  images: normalised [B, H, W, C] (data.normalize); labels: int32 [B].
+  """
+  logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                train=True, mutable=list(mutable))
+  return jnp.mean(cross_entropy(logits, labels)), (logits, updates)
+
+
 def summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
                    ) -> dict[str, jax.Array]:
   """Sums over the batch (so they add up across steps): loss, top-1 errors, examples.
 
   logits: float [B, classes]; labels: int32 [B]; mask: bool [B], False for padding.
   """
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = cross_entropy(logits, labels)
   errors = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
   weight = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
   return {"loss": jnp.sum(losses * weight), "errors": jnp.sum(errors * weight),
@@ -63,15 +82,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, mea
   norms and activation RMS (a separately compiled variant: the plain step is unchanged).
   """
   images = data.normalize(batch["image"], mean, std, dtype)
-  mutable = ["batch_stats", "intermediates"] if with_diagnostics else ["batch_stats"]
-
-  def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                  train=True, mutable=mutable)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["label"]))
-    return loss, (logits, updates)
-
+  mutable = ("batch_stats", "intermediates") if with_diagnostics else ("batch_stats",)
+  loss_fn = lambda params: training_loss(params, state.batch_stats, images, batch["label"],
+                                         model=model, mutable=mutable)
   (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1,

@@ -1,14 +1,19 @@
-"""Training: `train_and_evaluate(config, workdir)`, the story of one run, and its train loop.
+"""Training: `train_and_evaluate(config, workdir)`, the story of one run, and the train loop.
 
 It reads top to bottom: validate, lock the workdir, build the trainer (model, optimizer, batch
 source, compiled steps: trainer.py), restore or initialise the state, train with logs, evaluations
 and checkpoints, and write the summary. A run stopped by SIGTERM or SIGINT checkpoints its last
 step first (preemption.py); running the same command again resumes it bit for bit.
+
+`train_population(configs, workdirs)` trains several runs at once, as one population (see
+population.py), through the same story and the same loop: the loop drives *members*, one run's
+state and records each, whether one trained alone or several by one vmapped program.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -18,8 +23,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import (checkpoints, compilation, curvature, data, optim, parallel, preemption,
-                        reporting, steps)
+from resnet_jax import (checkpoints, compilation, data, instruments, parallel, population,
+                        preemption, reporting, steps)
 from resnet_jax import config as config_lib
 from resnet_jax import lock as lock_lib
 from resnet_jax import trainer as trainer_lib
@@ -43,14 +48,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints.CheckpointMismatchError and checkpoints.NoUsableCheckpointError.
   """
   config, info = prepare(config)
+  return _train([config], [workdir], info, packed=False, trainers=trainers,
+                lock_timeout_s=lock_timeout_s)[0]
 
-  # --- One writer per workdir: a second run there stops here. ---
-  lock = lock_workdir(workdir, lock_timeout_s)
-  try:
-    return _run(config, workdir, info, trainers)
-  finally:
-    if lock is not None:
-      lock.release(remove_new_workdir=True)  # A run refused before its start leaves no trace.
+
+def train_population(configs: list[ml_collections.ConfigDict], workdirs: list[str], *,
+                     trainers: trainer_lib.Cache | None = None,
+                     lock_timeout_s: float = 0.0) -> list[reporting.Summary]:
+  """Trains the runs `configs[i]` in `workdirs[i]` as one population; returns their summaries.
+
+  Each run resumes from its workdir's checkpoints and ends where it would end alone: runs
+  already completed are not run again, and runs restored at different steps train as separate
+  populations, one after the other. Raises what train_and_evaluate raises, and
+  config.ConfigError (population.packing_errors) for configs that cannot share a program.
+  """
+  prepared = [prepare(c) for c in configs]
+  configs, info = [c for c, _ in prepared], prepared[0][1]
+  errors = population.packing_errors(configs)
+  if errors:
+    raise config_lib.ConfigError("these runs cannot train as one population: " +
+                                 "; ".join(errors))
+  return _train(configs, workdirs, info, packed=True, trainers=trainers,
+                lock_timeout_s=lock_timeout_s)
 
 
 def prepare(config: ml_collections.ConfigDict
@@ -63,11 +82,12 @@ def prepare(config: ml_collections.ConfigDict
   info = data.dataset_info(config.dataset)
   config = config_lib.resolve_epochs(config, info.num_train)  # *_epochs fields become steps.
   config_lib.validate(config, num_devices=jax.device_count(), train_size=info.num_train)
-  if (config.sharpness_every or config.noise_scale_every) and info.name in data.STREAMED:
+  measured = [f"config.{i.every}" for i in instruments.INSTRUMENTS.values() if config[i.every]]
+  if measured and info.name in data.STREAMED:
     raise config_lib.ConfigError(
-        f"config.sharpness_every and config.noise_scale_every must be 0 for {info.name}: the "
-        "instruments draw un-augmented training examples by index, and a streamed dataset is "
-        "not held where they can (sources.DeviceBatches)")
+        f"{' and '.join(measured)} must be 0 for {info.name}: the instruments draw "
+        "un-augmented training examples by index, and a streamed dataset is not held where "
+        "they can (sources.DeviceBatches)")
   return config, info
 
 
@@ -88,64 +108,118 @@ def lock_workdir(workdir: str, timeout_s: float) -> lock_lib.WorkdirLock | None:
   return lock
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, info: data.DatasetInfo,
-         trainers: trainer_lib.Cache | None) -> reporting.Summary:
-  """The run itself, with the workdir locked."""
-  done = completed_summary(workdir, config)
-  if done is not None:
-    return done  # Running a finished run again changes nothing.
+@dataclasses.dataclass
+class Member:
+  """One run the loop trains: where it starts and what it writes."""
+  index: int  # Its place among the runs asked for.
+  config: ml_collections.ConfigDict
+  workdir: str
+  start: checkpoints.Restored
+  saver: checkpoints.Saver | None = None
+  reporter: reporting.Reporter | None = None
+  # Its summary's fields as the loop goes: what summary.json says if the loop ends early.
+  record: dict = dataclasses.field(default_factory=dict)
+  best: float = float("inf")  # Its best test error so far, earlier segments included.
+
+
+def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str],
+           info: data.DatasetInfo, *, packed: bool, trainers: trainer_lib.Cache | None,
+           lock_timeout_s: float) -> list[reporting.Summary]:
+  """The runs, validated: each alone, or (packed) those restored at the same step as one
+  population."""
+  summaries: dict[int, reporting.Summary] = {}
+  with contextlib.ExitStack() as locks:
+    # --- One writer per workdir: a second run there stops here. ---
+    for workdir in workdirs:
+      lock = lock_workdir(workdir, lock_timeout_s)
+      if lock is not None:  # A run refused before its start leaves no trace.
+        locks.callback(lock.release, remove_new_workdir=True)
+    todo = []
+    for i, (config, workdir) in enumerate(zip(configs, workdirs)):
+      done = completed_summary(workdir, config)
+      if done is None:
+        todo.append(i)
+      else:
+        summaries[i] = done  # Running a finished run again changes nothing.
+    if not todo:
+      return [summaries[i] for i in range(len(configs))]
+
+    # --- Model, optimizer, batch source and jitted steps, from one builder. ---
+    if not packed:
+      compilation.use_cache(workdirs[0])  # A resumed run loads its programs (unless a sweep's).
+    mesh = parallel.make_mesh()
+    build = trainers.build if trainers else trainer_lib.build
+    trainer = build(configs[todo[0]], info, mesh)
+
+    # --- State: fresh, or the newest intact checkpoint if the config matches it. ---
+    by_step: dict[int, list[Member]] = {}
+    for i in todo:
+      run_trainer = trainer.for_config(configs[i])
+      start = run_trainer.restore_or_init(os.path.join(workdirs[i], "checkpoints"))
+      if start.step >= configs[i].num_steps:  # Trained already: its records say how it ended.
+        summaries[i] = finished_summary(
+            configs[i], workdirs[i], start, steps.count_params(start.state.params),
+            info.num_train, evaluate=lambda t=run_trainer, s=start.state: t.evaluate(s))
+      else:
+        by_step.setdefault(start.step, []).append(Member(i, configs[i], workdirs[i], start))
+    for members in by_step.values():
+      if packed:
+        config, size = members[0].config, len(members)
+        trainer = (trainers.build(config, info, mesh, population=size) if trainers else
+                   trainer_lib.build(config, info, mesh, trainer.source, population=size))
+      summaries.update(_run(trainer, members, info.num_train))
+  return [summaries[i] for i in range(len(configs))]
+
+
+def _run(trainer: trainer_lib.Trainer, members: list[Member],
+         num_train: int) -> dict[int, reporting.Summary]:
+  """Trains members restored at the same step to the end, writing each one's records; returns
+  their summaries by Member.index."""
+  first_step = members[0].start.step
+  num_params = steps.count_params(members[0].start.state.params)
   is_writer = jax.process_index() == 0
-
-  # --- Model, optimizer, batch source and compiled steps, from one builder. ---
-  compilation.use_cache(workdir)  # A resumed run loads its programs (unless a sweep's cache).
-  trainer = (trainers.build if trainers else trainer_lib.build)(config, info,
-                                                                parallel.make_mesh())
-
-  # --- State: fresh, or the newest intact checkpoint if the config matches it. ---
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  start = trainer.restore_or_init(checkpoint_dir)
-  num_params = steps.count_params(start.state.params)
-  if start.step >= config.num_steps:  # Trained already: its records say how it ended.
-    return finished_summary(config, workdir, start, num_params, info.num_train,
-                             evaluate=lambda: trainer.evaluate(start.state))
-
-  # --- From here on the workdir is written. ---
-  if is_writer:
-    reporting.write_json_atomic(os.path.join(workdir, reporting.CONFIG_FILE), config.to_dict())
-    # Events of steps past the checkpoint are logged again; with no checkpoint, all of them.
-    reporting.truncate_metrics(workdir, start.step if start.step else -1)
-    _remove(os.path.join(workdir, reporting.SUMMARY_FILE))  # Stale until this segment ends.
-  saver = checkpoints.Saver(checkpoint_dir, keep=config.keep_checkpoints)
-  # The summary's fields as the loop goes: what summary.json says if the loop ends early.
-  record = reporting.Summary.failed("stopped before the end", step=start.step,
-                                    wall_time_s=start.wall_time_s,
-                                    num_params=num_params).to_dict()
-  reporter = reporting.Reporter(workdir, num_steps=config.num_steps, first_step=start.step,
-                                enabled=is_writer, progress_bar=config.progress_bar,
-                                wall_time_s=start.wall_time_s)
-  best = best_test_error(reporting.read_metrics(workdir)) if is_writer else float("inf")
+  # --- From here on the workdirs are written. ---
+  for m in members:
+    if is_writer:
+      reporting.write_json_atomic(os.path.join(m.workdir, reporting.CONFIG_FILE),
+                                  m.config.to_dict())
+      # Events of steps past the checkpoint are logged again; with no checkpoint, all of them.
+      reporting.truncate_metrics(m.workdir, first_step if first_step else -1)
+      _remove(os.path.join(m.workdir, reporting.SUMMARY_FILE))  # Stale until this part ends.
+      m.best = best_test_error(reporting.read_metrics(m.workdir))
+    m.saver = checkpoints.Saver(os.path.join(m.workdir, "checkpoints"),
+                                keep=m.config.keep_checkpoints)
+    m.reporter = reporting.Reporter(
+        m.workdir, num_steps=m.config.num_steps, first_step=first_step, enabled=is_writer,
+        progress_bar=m.config.progress_bar and len(members) == 1,
+        wall_time_s=m.start.wall_time_s)
+    m.record = reporting.Summary.failed("stopped before the end", step=first_step,
+                                        wall_time_s=m.start.wall_time_s,
+                                        num_params=num_params).to_dict()
   # Signals only set a flag from here until the last save has completed.
   with preemption.StopRequest(synced=jax.process_count() > 1) as stop:
     try:
-      _train_loop(config, workdir, trainer, start, saver, reporter, info.num_train, best=best,
-                  stop=stop, out=record)
-      saver.wait()  # A failed final save surfaces here.
+      _train_loop(trainer, members, num_train, stop)
+      for m in members:
+        m.saver.wait()  # A failed final save surfaces here.
     except BaseException as e:
-      record.update(status=reporting.FAILED, message=f"{type(e).__name__}: {e}")
-      _close_quietly(saver, reporter)
+      for m in members:
+        m.record.update(status=reporting.FAILED, message=f"{type(e).__name__}: {e}")
+        _close_quietly(m.saver, m.reporter)
       raise
     else:
-      saver.close()
-      reporter.close()
+      for m in members:
+        m.saver.close()
+        m.reporter.close()
     finally:
-      record["wall_time_s"] = round(reporter.wall_time(), 3)
-      summary = reporting.Summary(**record)
-      if is_writer:
-        try:
-          summary.write(workdir)
-        except OSError as e:  # A full disk, say: the error in flight matters more.
-          reporting.warn(f"could not write {reporting.SUMMARY_FILE}: {e}")
-  return summary
+      for m in members:
+        m.record["wall_time_s"] = round(m.reporter.wall_time(), 3)
+        if is_writer:
+          try:
+            reporting.Summary(**m.record).write(m.workdir)
+          except OSError as e:  # A full disk, say: the error in flight matters more.
+            reporting.warn(f"could not write {reporting.SUMMARY_FILE} of {m.workdir}: {e}")
+  return {m.index: reporting.Summary(**m.record) for m in members}
 
 
 def _close_quietly(saver: checkpoints.Saver, reporter: reporting.Reporter) -> None:
@@ -248,78 +322,104 @@ def eval_event(totals: dict, step: int, epoch: float, wall_time_s: float) -> dic
           "wall_time_s": round(wall_time_s, 3)}
 
 
-def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer, start: checkpoints.Restored,
-                saver: checkpoints.Saver, reporter: reporting.Reporter, num_train: int, *,
-                best: float, stop: preemption.StopRequest, out: dict) -> None:
-  """Runs steps start.step+1..num_steps, keeping the summary fields in `out` current.
+def _train_loop(trainer: trainer_lib.Trainer, members: list[Member], num_train: int,
+                stop: preemption.StopRequest) -> None:
+  """Runs steps start.step+1..num_steps of every member, keeping each one's summary fields in
+  its `record` current.
 
-  `best` is the best test error of earlier, interrupted parts of this run (inf if none). Stops
-  after the call in flight when `stop` is requested, with its last step logged and checkpointed.
-  A call runs up to trainer.steps_per_call steps, ending where the loop has work (_call_length).
+  The members share their config but for the step's inputs (one member, or a population:
+  trainer.population). A member whose loss becomes NaN or Inf is recorded as diverged at the
+  log point that sees it and frozen while the others go on. Stops after the call in flight when
+  `stop` is requested, with the last step logged and checkpointed. A call runs up to
+  trainer.steps_per_call steps, ending where the loop has work (call_length).
   """
-  state, first_step = start.state, start.step
+  config, first_step = members[0].config, members[0].start.step
+  alone = members[0]  # Profiles, diagnostics and instruments: runs trained alone only.
+  state = trainer.stack([m.start.state for m in members])
   totals = trainer.zero_totals()
-  compile_s = trainer.compile(state, totals)
+  active = np.ones(len(members), bool)
+  active_arg = parallel.put_replicated(active, trainer.mesh) if trainer.population else None
   if first_step == 0:  # The instruments measure the initial network too.
-    _record_instruments(config, trainer, state, 0, reporter, num_train)
-  mark_step, mark_time = first_step, time.time()
+    _record_instruments(config, trainer, state, 0, alone.reporter, num_train)
+  mark_step, mark_time, compile_s = first_step, time.time(), 0.0
 
   step = first_step
-  while step < config.num_steps:
-    if config.profile_steps and step == first_step + 1:  # Trace after the first, slow call.
-      saver.wait()  # The profiler must not start or stop while a save's threads run (a crash).
-      jax.profiler.start_trace(os.path.join(workdir, "profile"))
-    diag_now = bool(config.diagnostics_every) and step % config.diagnostics_every == 0
-    count = 1 if diag_now else call_length(config, trainer.steps_per_call, step, first_step)
-    state, totals, diag = trainer.train(state, totals, steps=count, with_diagnostics=diag_now)
-    step += count
-    out["step"] = step
-    if config.profile_steps and step == first_step + 1 + config.profile_steps:
-      jax.block_until_ready(state)
-      saver.wait()
-      jax.profiler.stop_trace()
-    if diag_now:  # Norms of the network that step `step - 1` saw.
-      reporter.write({"event": reporting.DIAGNOSTICS, "step": step - 1,
-                      **{kind: {block: float(v) for block, v in values.items()}
-                         for kind, values in parallel.to_host(diag).items()}})
-    # Before the checkpoint of this step, so that a run resumed from it records each step once.
-    mark_time += _record_instruments(config, trainer, state, step, reporter, num_train)
+  with compilation.CompileClock() as clock:
+    while step < config.num_steps:
+      if config.profile_steps and step == first_step + 1:  # Trace after the first, slow call.
+        alone.saver.wait()  # The profiler must not start or stop while a save's threads run.
+        jax.profiler.start_trace(os.path.join(alone.workdir, "profile"))
+      diag_now = bool(config.diagnostics_every) and step % config.diagnostics_every == 0
+      count = 1 if diag_now else call_length(config, trainer.steps_per_call, step, first_step)
+      compiling = clock.seconds
+      state, totals, diag = trainer.train(state, totals, steps=count, with_diagnostics=diag_now,
+                                          active=active_arg)
+      compiled = clock.seconds - compiling  # A program's first call compiles it.
+      compile_s, mark_time = compile_s + compiled, mark_time + compiled
+      step += count
+      for m, on in zip(members, active):
+        if on:
+          m.record["step"] = step
+      if config.profile_steps and step == first_step + 1 + config.profile_steps:
+        jax.block_until_ready(state)
+        alone.saver.wait()
+        jax.profiler.stop_trace()
+      if diag_now:  # Norms of the network that step `step - 1` saw.
+        alone.reporter.write({"event": reporting.DIAGNOSTICS, "step": step - 1,
+                              **{kind: {block: float(v) for block, v in values.items()}
+                                 for kind, values in parallel.to_host(diag).items()}})
+      # Before the checkpoint of this step, so that a run resumed from it records each step once.
+      mark_time += _record_instruments(config, trainer, state, step, alone.reporter, num_train)
 
-    last = step == config.num_steps
-    stop_now = not last and stop.requested(step)  # Every process asks at every step.
-    log_now, ckpt_now, eval_now = work_due(config, step, stop_now)
-    if not (log_now or ckpt_now or eval_now):
-      continue
-    t = parallel.to_host(totals)  # The only host sync between log points.
-    if t["nonfinite"]:
-      out.update(status=reporting.DIVERGED, message=diverged_message(step, _lr(state)))
-      return
-    if log_now:
-      event = train_event(config, num_train, step, t, lr=_lr(state),
-                          img_per_s=(step - mark_step) * config.batch_size
-                          / (time.time() - mark_time), wall_time_s=reporter.wall_time())
-      out.update(train_loss=event["loss"], train_error=event["train_error"])
-      if mark_step == first_step:
-        event["compile_s"] = round(compile_s, 3)
-      reporter.write(event)
-      totals = trainer.zero_totals()
-      mark_step = step
-    if eval_now:
-      event = eval_event(trainer.evaluate(state), step, epoch_of(config, num_train, step),
-                          reporter.wall_time())
-      best = min(best, event["test_error"])
-      out.update(test_error=event["test_error"], best_test_error=best)
-      reporter.write(event)
-    if ckpt_now:
-      saver.save(step, state, config, wall_time_s=reporter.wall_time(),
-                 extra_items=trainer.save_items())
-    if stop_now:
-      out.update(status=reporting.PREEMPTED, message=preempted_message(stop, step))
-      return
-    mark_time = time.time()  # Throughput counts training time only.
+      stop_now = step < config.num_steps and stop.requested(step)  # Every process asks.
+      log_now, ckpt_now, eval_now = work_due(config, step, stop_now)
+      if not (log_now or ckpt_now or eval_now):
+        continue
+      t = parallel.to_host(totals)  # The only host sync between log points.
+      lrs = trainer.learning_rates(state)
+      for i, m in enumerate(members):
+        if active[i] and trainer.member(t, i)["nonfinite"]:
+          m.record.update(status=reporting.DIVERGED,
+                          message=diverged_message(step, float(lrs[i])))
+          active[i] = False
+      if not active.any():
+        return
+      if trainer.population:
+        active_arg = parallel.put_replicated(active, trainer.mesh)
+      training = [(i, members[i]) for i in np.flatnonzero(active)]
+      if log_now:
+        img_per_s = (step - mark_step) * config.batch_size / (time.time() - mark_time)
+        for i, m in training:
+          event = train_event(config, num_train, step, trainer.member(t, i), lr=float(lrs[i]),
+                              img_per_s=img_per_s, wall_time_s=m.reporter.wall_time())
+          m.record.update(train_loss=event["loss"], train_error=event["train_error"])
+          if mark_step == first_step:
+            event["compile_s"] = round(compile_s, 3)
+          m.reporter.write(event)
+        totals = trainer.zero_totals()
+        mark_step = step
+      if eval_now:
+        sums = trainer.evaluate(state)
+        for i, m in training:
+          event = eval_event(trainer.member(sums, i), step, epoch_of(config, num_train, step),
+                             m.reporter.wall_time())
+          m.best = min(m.best, event["test_error"])
+          m.record.update(test_error=event["test_error"], best_test_error=m.best)
+          m.reporter.write(event)
+      if ckpt_now:
+        for i, m in training:
+          m.saver.save(step, trainer.member(state, i), m.config,
+                       wall_time_s=m.reporter.wall_time(), extra_items=trainer.save_items())
+      if stop_now:
+        for _, m in training:
+          m.record.update(status=reporting.PREEMPTED, message=preempted_message(stop, step))
+        return
+      mark_time = time.time()  # Throughput counts training time only.
 
-  out.update(status=reporting.COMPLETED, message="finished",
-             best_test_error=best if np.isfinite(best) else float("nan"))
+  for i in np.flatnonzero(active):
+    members[i].record.update(status=reporting.COMPLETED, message="finished",
+                             best_test_error=members[i].best if np.isfinite(members[i].best)
+                             else float("nan"))
 
 
 def work_due(config, step: int, stop_now: bool) -> tuple[bool, bool, bool]:
@@ -354,11 +454,12 @@ def preempted_message(stop: preemption.StopRequest, step: int) -> str:
 
 def call_length(config, steps_per_call: int, step: int, first_step: int) -> int:
   """How many steps the call starting after `step` runs: up to steps_per_call, ending where the
-  loop next has work to do (a log, evaluation, checkpoint, instrument, diagnostics step, profile
-  mark or the last step), so that these fall at the same steps whatever steps_per_call is."""
+  loop next has work to do (a multiple of a field whose config.ROLES says `every`: a log,
+  evaluation, checkpoint, instrument or diagnostics step; a profile mark; the last step), so
+  that these fall at the same steps whatever steps_per_call is."""
   end = min(step + steps_per_call, config.num_steps)
-  for every in (config.log_every, config.eval_every, config.checkpoint_every,
-                config.diagnostics_every, config.sharpness_every, config.noise_scale_every):
+  for field in config_lib.fields("every"):
+    every = config[field]
     if every:
       end = min(end, (step // every + 1) * every)
   if config.profile_steps:
@@ -370,29 +471,17 @@ def call_length(config, steps_per_call: int, step: int, first_step: int) -> int:
 
 def _record_instruments(config, trainer: trainer_lib.Trainer, state: steps.TrainState,
                         step: int, reporter: reporting.Reporter, num_train: int) -> float:
-  """Measures the instruments due at `step` (every sharpness_every, noise_scale_every steps,
-  from 0) on `state`, the network after `step` updates, and writes their events. Returns the
-  seconds they took, which the throughput leaves out."""
-  sharpness_now = bool(config.sharpness_every) and step % config.sharpness_every == 0
-  noise_now = bool(config.noise_scale_every) and step % config.noise_scale_every == 0
-  if not (sharpness_now or noise_now):
+  """Measures the instruments due at `step` (instruments.due) on `state`, the network after
+  `step` updates, and writes their events. Returns the seconds they took, which the throughput
+  leaves out."""
+  due = instruments.due(config, step)
+  if not due:
     return 0.0
   jax.block_until_ready(state)  # The steps still in flight count as training.
   start = time.time()
-  lr = _lr(state)
-  common = {"step": step, "epoch": epoch_of(config, num_train, step), "lr": lr}
-  if sharpness_now:
-    eigenvalues = [float(v) for v in trainer.sharpness(state)]
-    opt = config.optimizer
-    # LARS rescales each layer's step by its own trust ratio: no one threshold in η applies.
-    threshold = (curvature.stability_threshold(lr, opt.momentum, opt.nesterov)
-                 if opt.name == "sgd" else None)
-    reporter.write({"event": reporting.SHARPNESS, **common, "sharpness": eigenvalues[0],
-                    "eigenvalues": eigenvalues, "threshold": threshold})
-  if noise_now:
-    reporter.write({"event": reporting.NOISE_SCALE, **common, **trainer.noise_scale(state)})
+  common = {"step": step, "epoch": epoch_of(config, num_train, step),
+            "lr": float(trainer.learning_rates(state)[0])}
+  for name in due:
+    reporter.write({"event": instruments.INSTRUMENTS[name].event, **common,
+                    **trainer.measure(name, state)})
   return time.time() - start
-
-
-def _lr(state: steps.TrainState) -> float:
-  return float(parallel.to_host(optim.current_learning_rate(state.opt_state)))

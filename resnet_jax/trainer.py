@@ -12,28 +12,30 @@ the host syncs only at log points. State and totals are donated; everything is r
 the mesh but the batch, which is sharded on its `data` axis (see parallel.py). A second variant
 also returns the per-block diagnostics (diagnostics.py); the plain one never computes them.
 
+Built for a population (`population=P`, population.py), the same step is vmapped over P runs'
+states stacked on a leading axis, and a call trains those whose `active` flag is set.
+
 On accelerators a call runs several steps (`config.steps_per_call`, automatically
 AUTO_STEPS_PER_CALL on GPU and TPU, 1 on CPU): a loop inside one compiled program over up to K
 steps, the step count an input, so one program serves every length and each step in it does
 the same arithmetic whatever the length (K steps in one call are bitwise K calls of one step).
 A ResNet-20 step at batch 128 is a few hundred small kernels, bound by launch latency; the loop
 leaves the host out between steps. On CPU it stays one step per call: XLA's CPU convolutions
-lose their fast path inside a loop (25x slower).
+lose their fast path inside a loop (the README has the figures).
 
-The instruments (curvature.py) are programs of their own beside the train step, jitted only when
-the config turns them on, so the train step is the same program with them on or off:
-`Trainer.sharpness(state)`, the top eigenvalues of the training loss's Hessian, and
-`Trainer.noise_scale(state)`, the gradient noise scale. Each measures the network of `state` on
-un-augmented training examples (`source.measure_batch`) drawn from a key stream of its own, so a
-measurement is a pure function of (seed, step, state) and a resumed run records what an
-uninterrupted one does.
+The instruments (instruments.py) are programs of their own beside the train step, jitted only
+when the config turns them on, so the train step is the same program with them on or off:
+`Trainer.measure(name, state)` runs one.
+
+A Trainer is immutable. Its programs are jitted in `build` and compile on their first call
+(compilation.CompileClock times that); copies for other step inputs (`for_config`) and jax.jit's
+own cache share the compiled code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,36 +43,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.flatten_util import ravel_pytree
 
-from resnet_jax import checkpoints, curvature, data, models, optim, parallel, sources, steps
+from resnet_jax import (checkpoints, data, instruments, models, optim, parallel, sources,
+                        steps)
 from resnet_jax import config as config_lib
+from resnet_jax import population as population_lib
 
 DIAGNOSTICS_KEYS = ("grad_norm", "activation_rms")
-# fold_in tags of the instruments' key streams, apart from the batch order's (epochs) and the
-# augmentation's (data.AUGMENT_STREAM = 2**31 - 1).
-SHARPNESS_STREAM = 2**31 - 2
-NOISE_SCALE_STREAM = 2**31 - 3
-# Steps per call where config.steps_per_call is 0 and the platform is not a CPU: an H200 probe
-# of ResNet-20 at batch 128 ran 10% faster with 20 steps per call than with one.
+# Steps per call where config.steps_per_call is 0 and the platform is not a CPU (the README has
+# the GPU measurement behind it).
 AUTO_STEPS_PER_CALL = 20
 
 
-# The fields that are inputs of the compiled programs (in the state: optim.set_hyperparams, the
-# seed), so that points differing only in them, or in bookkeeping, share programs.
-STEP_INPUTS = ("seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay")
-# Fields no compiled program depends on (the *_epochs ones are resolved into steps first).
-_BOOKKEEPING = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                "profile_steps", "progress_bar", "diagnostics_every", "num_epochs",
-                "eval_every_epochs", "checkpoint_every_epochs")
-
-
 def program_key(config: ml_collections.ConfigDict) -> str:
-  """What a config's compiled programs depend on: the config without STEP_INPUTS and
-  bookkeeping. Configs with equal keys share one Trainer's programs (Trainer.for_config)."""
+  """What a config's compiled programs depend on: the config without its step inputs and
+  bookkeeping (config.ROLES). Configs with equal keys share one Trainer's programs
+  (Trainer.for_config)."""
   fields = config_lib.flatten(config)
-  for name in STEP_INPUTS + _BOOKKEEPING:
+  for name in config_lib.fields("step_input") + config_lib.fields("bookkeeping"):
     fields.pop(name, None)
   return repr(sorted(fields.items()))
 
@@ -78,22 +68,29 @@ def program_key(config: ml_collections.ConfigDict) -> str:
 class Cache:
   """Trainers of recent configs, for one process training several: a config whose
   program_key matches one of them gets it (for_config) instead of compiling anew. Keeps the
-  `size` most recent, whose sources hold their datasets on the devices."""
+  trainers (one run's, populations') of the `size` most recent program keys; those of one key
+  share a source, which holds its dataset on the devices."""
 
   def __init__(self, size: int = 2):
     self._size = size
-    self._trainers: dict[str, Trainer] = {}
+    self._trainers: dict[tuple[str, int], Trainer] = {}
 
   def build(self, config: ml_collections.ConfigDict, info: data.DatasetInfo,
-            mesh: jax.sharding.Mesh) -> Trainer:
-    """`build(config, info, mesh)`, or a cached trainer for it."""
-    key = program_key(config)
+            mesh: jax.sharding.Mesh, *, population: int = 0) -> Trainer:
+    """`build(config, info, mesh, population=population)`, or a cached trainer for it."""
+    key = (program_key(config), population)
     trainer = self._trainers.pop(key, None)
-    if trainer is None or trainer.mesh != mesh or config.dataset.name in data.STREAMED:
-      trainer = build(config, info, mesh)  # A stream's source is one run's: not shared.
-    self._trainers[key] = trainer  # The most recent last.
-    while len(self._trainers) > self._size:
-      self._trainers.pop(next(iter(self._trainers)))
+    streamed = config.dataset.name in data.STREAMED  # A stream's source is one run's.
+    if trainer is None or trainer.mesh != mesh or streamed:
+      source = None if streamed else next(
+          (t.source for (k, _), t in self._trainers.items() if k == key[0] and t.mesh == mesh),
+          None)
+      trainer = build(config, info, mesh, source, population=population)
+    self._trainers[key] = trainer
+    # The most recent program key's trainers last; the oldest keys' forgotten.
+    order = list(dict.fromkeys([k for k, _ in self._trainers if k != key[0]] + [key[0]]))
+    self._trainers = {(k, p): t for k in order[-self._size:]
+                      for (k2, p), t in self._trainers.items() if k2 == k}
     return trainer.for_config(config)
 
 
@@ -107,35 +104,40 @@ def resolve_steps_per_call(config: ml_collections.ConfigDict, platform: str | No
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-  """The model, optimizer, batch source and compiled steps of one config; made by `build`."""
+  """The model, optimizer, batch source and jitted programs of one config; made by `build`.
+
+  A state is one run's (`population` 0) or `population` runs' stacked on a leading axis; so are
+  the totals. `stack`, `member` and `learning_rates` hide which, so that one loop (train.py)
+  drives either.
+  """
   config: ml_collections.ConfigDict
   model: Any  # A flax.linen Module (models.get_model).
   tx: Any  # The optax.GradientTransformation (optim.create_optimizer).
   mesh: jax.sharding.Mesh
-  source: Any  # A batch source (sources.py).
+  source: sources.Source
+  population: int  # 0: one run; P > 0: P runs, trained by one vmapped program.
+  steps_per_call: int  # The most steps one call runs (resolve_steps_per_call).
   # (seed int32 [], {hyperparameter: float32 []}) -> the initial state of that seed with those
   # optimizer hyperparameters (optim.HYPERPARAMS), on the mesh: init_state() gives the config's.
   init_program: Any
-  abstract_state: steps.TrainState  # Its shapes, dtypes and shardings, for restoring.
-  # The jitted train programs, by name: "plain" and "diagnostics", one step per call,
-  # (state, totals, inputs) -> (state, totals, diagnostics or {}); with steps_per_call > 1 also
-  # "loop", (state, totals, inputs, count) -> (state, totals, {}), running `count` <=
-  # steps_per_call steps in one call. `compile` swaps in the compiled one plain steps use.
-  train_programs: dict[str, Any]
-  steps_per_call: int  # The most steps one call runs (resolve_steps_per_call).
+  abstract_state: steps.TrainState  # One run's shapes, dtypes and shardings, for restoring.
+  # The jitted train programs. One run: (state, totals, inputs) -> (state, totals, {}) for one
+  # step; with steps_per_call > 1 also `loop_program`, (state, totals, inputs, count) -> the
+  # same after `count` <= steps_per_call steps. A population: `train_program` is (state,
+  # totals, inputs, active, count) -> (state, totals), count steps of the members whose
+  # `active` (bool [P]) is set; the others keep their state and totals.
+  train_program: Any
+  loop_program: Any  # None when steps_per_call is 1, and for populations.
+  # (state, totals, inputs) -> (state, totals, per-block norms): the step with diagnostics.
+  diagnostics_program: Any  # None for populations (they record none).
   loop_spec: Any  # The loop program's inputs' specs (the source's, stacked if per step).
   stack_program: Any  # Stacks steps_per_call batches of a source that hands them out per step.
-  eval_program: Any  # The jitted eval step: (state, totals, eval inputs) -> totals.
+  eval_program: Any  # (state, totals, eval inputs) -> totals, vmapped for a population.
   # steps.eval_step bound to the model and normalisation, unjitted: (state, batch) -> metrics.
   eval_step: Callable[[steps.TrainState, dict], dict]
-  # The one-step train function the programs jit, unjitted, for programs that wrap it (a
-  # population's vmap, population.py): (state, totals, inputs, *, with_diagnostics) ->
-  # (state, totals, diagnostics or {}).
-  step_fn: Callable[..., tuple[steps.TrainState, dict, dict]]
-  # "sharpness" and "noise_scale" -> that instrument's jitted programs, by name; only those on.
+  counts: tuple[jax.Array, ...]  # counts[k]: k as the replicated int32 the programs take.
+  # Each instrument that is on (instruments.INSTRUMENTS) -> its jitted programs, by name.
   instrument_programs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-  # Step counts as replicated int32 arrays, made once each for the loop program.
-  _counts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
 
   def init_state(self) -> steps.TrainState:
     """The initial state of config.seed, with config's learning rate, momentum and weight decay
@@ -153,59 +155,61 @@ class Trainer:
     config that needs other programs."""
     if program_key(config) != program_key(self.config):
       raise ValueError("this trainer's programs do not run this config: they differ in "
-                       "more than " + ", ".join(STEP_INPUTS))
+                       "more than " + ", ".join(config_lib.fields("step_input")))
     return dataclasses.replace(self, config=config)
 
   def restore_or_init(self, checkpoint_dir: str) -> checkpoints.Restored:
-    """The newest intact checkpoint in `checkpoint_dir` whose config matches, with the source's
-    items (a Grain iterator's position) restored into the source; else the initial state at
-    step 0. Raises what checkpoints.restore_latest raises."""
+    """One run's newest intact checkpoint in `checkpoint_dir` whose config matches, with the
+    source's items (a Grain iterator's position) restored into the source; else the initial
+    state at step 0. Raises what checkpoints.restore_latest raises."""
     restored = checkpoints.restore_latest(checkpoint_dir, self.abstract_state, self.config,
                                           self.source.checkpoint_items(restore=True))
     if restored is None:
       return checkpoints.Restored(step=0, state=self.init_state(), wall_time_s=0.0)
     return restored
 
+  def stack(self, trees: list) -> Any:
+    """The runs' states (or totals) as this trainer's programs take them."""
+    return population_lib.stack(trees) if self.population else trees[0]
+
+  def member(self, tree: Any, index: int) -> Any:
+    """Run `index`'s part of a state or totals (as numpy if `tree` is)."""
+    return population_lib.member(tree, index) if self.population else tree
+
+  def learning_rates(self, state: steps.TrainState) -> np.ndarray:
+    """The learning rate each run's next step takes, on the host: float32 [runs]."""
+    return np.atleast_1d(parallel.to_host(optim.current_learning_rate(state.opt_state)))
+
   def zero_totals(self, *, count_nonfinite: bool = True) -> dict:
-    """Zeroed sums of steps.summed_metrics on the mesh; train totals also count steps whose loss
-    was NaN or Inf (`nonfinite`)."""
+    """Zeroed sums of steps.summed_metrics on the mesh, one per run; train totals also count
+    steps whose loss was NaN or Inf (`nonfinite`)."""
     zeros = {"loss": np.float32(0), "errors": np.float32(0), "count": np.float32(0)}
     if count_nonfinite:
       zeros["nonfinite"] = np.int32(0)
-    return parallel.put_replicated(zeros, self.mesh)
-
-  def compile(self, state: steps.TrainState, totals: dict) -> float:
-    """Compiles the program plain steps run in (the loop when steps_per_call > 1) ahead of the
-    first step; returns the seconds it took."""
-    start = time.time()
-    programs = self.train_programs
-    if isinstance(programs["loop" if self.steps_per_call > 1 else "plain"], jax.stages.Compiled):
-      return 0.0  # Compiled for a config before this one (for_config).
-    if self.steps_per_call == 1:
-      programs["plain"] = programs["plain"].lower(state, totals, self.source.train_spec).compile()
-    else:
-      programs["loop"] = programs["loop"].lower(state, totals, self.loop_spec,
-                                                self.step_count(1)).compile()
-    return time.time() - start
+    zeros = parallel.put_replicated(zeros, self.mesh)
+    return population_lib.stack([zeros] * self.population) if self.population else zeros
 
   def train(self, state: steps.TrainState, totals: dict, *, steps: int = 1,
-            with_diagnostics: bool = False) -> tuple[steps.TrainState, dict, dict]:
+            with_diagnostics: bool = False,
+            active: jax.Array | None = None) -> tuple[steps.TrainState, dict, dict]:
     """`steps` steps (1 <= steps <= steps_per_call; 1 with diagnostics) on the source's next
-    batches, in one call: (state, totals, diagnostics or {})."""
+    batches, in one call: (state, totals, diagnostics or {}). A population trains the members
+    whose `active` (bool [P] on the mesh; default all) is set."""
     if not 1 <= steps <= (1 if with_diagnostics else self.steps_per_call):
       raise ValueError(f"a call runs 1 to {self.steps_per_call} steps, 1 with diagnostics; "
                        f"got {steps}")
-    if with_diagnostics or self.steps_per_call == 1:
-      program = self.train_programs["diagnostics" if with_diagnostics else "plain"]
-      return program(state, totals, self.source.train_inputs())
-    return self.train_programs["loop"](state, totals, self._loop_inputs(steps),
-                                       self.step_count(steps))
-
-  def step_count(self, steps: int) -> jax.Array:
-    """`steps` as the replicated int32 a loop program takes, made once per value."""
-    if steps not in self._counts:
-      self._counts[steps] = parallel.put_replicated(np.int32(steps), self.mesh)
-    return self._counts[steps]
+    if self.population:
+      if with_diagnostics:
+        raise ValueError("a population records no diagnostics")
+      if active is None:
+        active = parallel.put_replicated(np.ones(self.population, bool), self.mesh)
+      return (*self.train_program(state, totals, self.source.train_inputs(), active,
+                                  self.counts[steps]), {})
+    if with_diagnostics:
+      return self.diagnostics_program(state, totals, self.source.train_inputs())
+    if self.loop_program is None:
+      return self.train_program(state, totals, self.source.train_inputs())
+    return self.loop_program(state, totals, self._loop_inputs(steps), self.counts[steps])
 
   def _loop_inputs(self, steps: int):
     """The loop program's inputs for `steps` steps: the source's inputs, or, for a source that
@@ -216,7 +220,8 @@ class Trainer:
     return self.stack_program(*batches, *batches[-1:] * (self.steps_per_call - steps))
 
   def evaluate(self, state: steps.TrainState) -> dict:
-    """Summed loss, errors and count over the eval split, as numpy on the host."""
+    """Summed loss, errors and count over the eval split, as numpy on the host (stacked for a
+    population: `member` gives each run's)."""
     totals = self.zero_totals(count_nonfinite=False)
     for inputs in self.source.eval_inputs():
       totals = self.eval_program(state, totals, inputs)
@@ -226,51 +231,20 @@ class Trainer:
     """The source's extra checkpoint items (a Grain iterator's position)."""
     return self.source.checkpoint_items(restore=False)
 
-  def sharpness(self, state: steps.TrainState) -> np.ndarray:
-    """The largest config.sharpness_top eigenvalues of the training loss's Hessian at `state`,
-    descending: float64 [sharpness_top] (fewer only when the Krylov space closes first).
-
-    The loss is `training_loss` on config.sharpness_batch_size (0: batch_size) un-augmented
-    training examples, the same ones at every measurement (drawn by the seed's SHARPNESS_STREAM
-    alone, whatever the step). Lanczos (curvature.lanczos) makes config.sharpness_iters
-    Hessian-vector products, starting from a direction drawn for `state.step`. Raises ValueError
-    when config.sharpness_every is 0 or the source cannot draw the batch.
-    """
-    programs = self._instrument("sharpness")
-    batch, start = programs["inputs"](state, self.source.measure_inputs())
-    product = functools.partial(programs["hvp"], state.params, state.batch_stats, batch)
-    alphas, betas = curvature.lanczos(product, start, self.config.sharpness_iters)
-    return curvature.top_ritz_values(alphas, betas, self.config.sharpness_top)
-
-  def noise_scale(self, state: steps.TrainState) -> dict[str, float]:
-    """The simple gradient noise scale at `state` (curvature.noise_scale_estimates).
-
-    |G_big|² is the squared norm of the gradient of `training_loss` on batch_size un-augmented
-    training examples drawn for `state.step`; |G_small|² the mean of the same over its
-    config.noise_scale_parts equal parts, each with BN's statistics over that part, as a run at
-    the smaller batch would train. BN couples a batch's examples, so the estimator's premise
-    (E|G_B|² = |G|² + tr(Σ)/B for B independent examples) holds only approximately. Returns
-    {"grad_sq_norm", "trace_cov", "b_simple", "b_big", "b_small"}. Raises ValueError when
-    config.noise_scale_every is 0 or the source cannot draw the batch.
-    """
-    programs = self._instrument("noise_scale")
-    big, parts = programs["batches"](state, self.source.measure_inputs())
-    sq_norm = functools.partial(programs["grad_sq_norm"], state.params, state.batch_stats)
-    big_sq, *small_sq = parallel.to_host([sq_norm(big)] + [sq_norm(part) for part in parts])
-    b_big = self.config.batch_size
-    b_small = b_big // self.config.noise_scale_parts
-    estimates = curvature.noise_scale_estimates(float(big_sq), float(np.mean(small_sq)),
-                                                b_big, b_small)
-    return {**estimates, "b_big": b_big, "b_small": b_small}
-
-  def _instrument(self, name: str) -> dict[str, Any]:
+  def measure(self, name: str, state: steps.TrainState) -> dict[str, Any]:
+    """Instrument `name`'s measurement of the network of `state`: its event's fields
+    (instruments.py). Raises ValueError when its config field is 0 (its programs were not
+    made) or the source cannot draw its batches."""
+    instrument = instruments.INSTRUMENTS[name]
     if name not in self.instrument_programs:
-      raise ValueError(f"this trainer measures no {name}: its config.{name}_every is 0")
-    return self.instrument_programs[name]
+      raise ValueError(f"this trainer measures no {name}: its config.{instrument.every} is 0")
+    lr = float(self.learning_rates(state)[0])
+    return instrument.measure(self.config, self.instrument_programs[name], self.source, state,
+                              lr)
 
 
 def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh,
-          source: Any = None) -> Trainer:
+          source: sources.Source | None = None, *, population: int = 0) -> Trainer:
   """The Trainer of a validated (and epoch-resolved) config.
 
   Args:
@@ -278,6 +252,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
     info: the dataset's classes, image shape, split sizes and normalisation.
     mesh: the device mesh (parallel.make_mesh()).
     source: where batches come from; default `sources.make_source(config, info, mesh)`.
+    population: 0 for one run's programs; P > 0 for P runs' at once (population.py).
   """
   model = models.get_model(num_classes=info.num_classes, **config.model)
   tx = optim.create_optimizer(config.optimizer, batch_size=config.batch_size,
@@ -322,90 +297,42 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
 
   shapes = jax.eval_shape(create_state, np.int32(config.seed),
                           dict.fromkeys(optim.HYPERPARAMS, np.float32(0)))
-  loss = functools.partial(training_loss, model=model, **norm)
-  instruments = {}
-  if config.sharpness_every:
-    instruments["sharpness"] = _sharpness_programs(config, source, loss, mesh)
-  if config.noise_scale_every:
-    instruments["noise_scale"] = _noise_scale_programs(config, source, loss, mesh)
-  programs = {name: jax.jit(functools.partial(train, with_diagnostics=name == "diagnostics"),
-                           donate_argnums=(0, 1), out_shardings=replicated)
-              for name in ("plain", "diagnostics")}
-  if steps_per_call > 1:
-    programs["loop"] = jax.jit(loop, donate_argnums=(0, 1), out_shardings=replicated)
+  loss = functools.partial(_batch_loss, model=model, **norm)
+  measured = {name: instrument.programs(config, source, loss, mesh)
+              for name, instrument in instruments.INSTRUMENTS.items()
+              if config[instrument.every]}
+  jit_step = lambda f: jax.jit(f, donate_argnums=(0, 1), out_shardings=replicated)
+  one_step = functools.partial(train, with_diagnostics=False)
+  if population:
+    programs = dict(
+        train_program=jit_step(population_lib.vmapped_steps(one_step, steps_per_call)),
+        loop_program=None, diagnostics_program=None,
+        eval_program=jax.jit(population_lib.vmapped_eval(source.eval_batch, eval_step),
+                             donate_argnums=(1,), out_shardings=replicated))
+  else:
+    programs = dict(
+        train_program=jit_step(one_step),
+        loop_program=jit_step(loop) if steps_per_call > 1 else None,
+        diagnostics_program=jit_step(functools.partial(train, with_diagnostics=True)),
+        eval_program=jax.jit(evaluate, donate_argnums=(1,), out_shardings=replicated))
   return Trainer(
-      config=config, model=model, tx=tx, mesh=mesh, source=source,
+      config=config, model=model, tx=tx, mesh=mesh, source=source, population=population,
+      steps_per_call=steps_per_call,
       init_program=jax.jit(create_state, out_shardings=replicated),
       abstract_state=jax.tree.map(
           lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes),
-      train_programs=programs,
-      steps_per_call=steps_per_call,
-      loop_spec=loop_spec, stack_program=stack,
-      eval_program=jax.jit(evaluate, donate_argnums=(1,), out_shardings=replicated),
-      eval_step=eval_step,
-      step_fn=train,
-      instrument_programs=instruments)
+      loop_spec=loop_spec, stack_program=stack, eval_step=eval_step,
+      counts=tuple(parallel.put_replicated(np.int32(k), mesh)
+                   for k in range(steps_per_call + 1)),
+      instrument_programs=measured, **programs)
 
 
-def training_loss(params, batch_stats, batch: dict[str, jax.Array], *, model, mean, std,
-                  dtype) -> jax.Array:
-  """The loss the train step descends, as a function of `params` alone: float32 scalar.
-
-  The mean softmax cross-entropy of `batch` ({"image": uint8 [B, H, W, C], "label": int32 [B]})
-  with BatchNorm in train mode (the batch's own statistics, as the train step sees them); the
-  running statistics `batch_stats` go unused, and their update is dropped. Weight decay's L2
-  term is left out: it would add at most weight_decay to each Hessian eigenvalue.
-  """
+def _batch_loss(params, batch_stats, batch: dict[str, jax.Array], *, model, mean, std,
+                dtype) -> jax.Array:
+  """steps.training_loss of a batch of uint8 images, as a function of `params` alone: float32
+  scalar; BatchNorm's updated statistics are dropped."""
   images = data.normalize(batch["image"], mean, std, dtype)
-  logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                          mutable=["batch_stats"])
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["label"]))
-
-
-def _stream(seed: jax.Array, tag: int) -> jax.Array:
-  """The key stream `tag` of a run's seed."""
-  return jax.random.fold_in(jax.random.key(seed), tag)
-
-
-def _sharpness_programs(config: ml_collections.ConfigDict, source, loss, mesh) -> dict[str, Any]:
-  """"inputs": (state, measure inputs) -> (the fixed batch, Lanczos's start float32 [n]);
-  "hvp": (params, batch_stats, batch, tangent [n]) -> H @ tangent [n]."""
-  size = config.sharpness_batch_size or config.batch_size
-
-  def inputs(state, measure_inputs):
-    batch_key, start_key = jax.random.split(_stream(state.seed, SHARPNESS_STREAM))
-    flat = ravel_pytree(state.params)[0]
-    start = jax.random.normal(jax.random.fold_in(start_key, state.step), flat.shape, flat.dtype)
-    return source.measure_batch(measure_inputs, batch_key, size), start
-
-  def hvp(params, batch_stats, batch, tangent):
-    return curvature.hessian_vector_product(lambda p: loss(p, batch_stats, batch), params,
-                                            tangent)
-
-  replicated = parallel.replicated(mesh)
-  return {"inputs": jax.jit(inputs, out_shardings=(parallel.batch_sharded(mesh), replicated)),
-          "hvp": jax.jit(hvp, out_shardings=replicated)}
-
-
-def _noise_scale_programs(config: ml_collections.ConfigDict, source, loss, mesh
-                          ) -> dict[str, Any]:
-  """"batches": (state, measure inputs) -> (the step's batch, its noise_scale_parts parts);
-  "grad_sq_norm": (params, batch_stats, batch) -> |gradient of the loss|², float32 []."""
-  small = config.batch_size // config.noise_scale_parts
-
-  def batches(state, measure_inputs):
-    key = jax.random.fold_in(_stream(state.seed, NOISE_SCALE_STREAM), state.step)
-    batch = source.measure_batch(measure_inputs, key, config.batch_size)
-    return batch, [jax.tree.map(lambda x, i=i: x[i * small:(i + 1) * small], batch)
-                   for i in range(config.noise_scale_parts)]
-
-  def grad_sq_norm(params, batch_stats, batch):
-    return optax.tree.norm(jax.grad(loss)(params, batch_stats, batch), squared=True)
-
-  # Each part is sharded over the devices on its own (validate: small % devices == 0).
-  return {"batches": jax.jit(batches, out_shardings=parallel.batch_sharded(mesh)),
-          "grad_sq_norm": jax.jit(grad_sq_norm, out_shardings=parallel.replicated(mesh))}
+  return steps.training_loss(params, batch_stats, images, batch["label"], model=model)[0]
 
 
 def _stacked_sharding(sharding: jax.sharding.Sharding, mesh) -> jax.sharding.NamedSharding:

@@ -191,7 +191,7 @@ def test_a_source_without_measurement_batches_refuses_before_measuring():
   config.sharpness_every = 1
   trainer = synthetic_trainer(config, parallel.make_mesh(), [batch])
   with pytest.raises(ValueError, match="set config.sharpness_every and config.noise_scale_every"):
-    trainer.sharpness(trainer.init_state())
+    trainer.measure("sharpness", trainer.init_state())
 
 
 def test_a_streamed_run_with_an_instrument_is_refused_before_its_workdir_exists(

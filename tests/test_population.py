@@ -55,7 +55,7 @@ def separate(prepared_data_dir, tmp_path_factory) -> list[str]:
 def packed(prepared_data_dir, tmp_path_factory) -> list[str]:
   root = tmp_path_factory.mktemp("packed")
   workdirs = [str(root / str(i)) for i in range(len(POINTS))]
-  population.train_population(_configs(prepared_data_dir), workdirs)
+  train.train_population(_configs(prepared_data_dir), workdirs)
   return workdirs
 
 
@@ -98,11 +98,11 @@ def test_killed_population_resumes_exactly(prepared_data_dir, packed, tmp_path, 
       os.kill(os.getpid(), signal.SIGINT)
 
   monkeypatch.setattr(checkpoints.Saver, "save", save_then_interrupt)
-  stopped = population.train_population(_configs(prepared_data_dir), workdirs)
+  stopped = train.train_population(_configs(prepared_data_dir), workdirs)
   assert [s.status for s in stopped[:2]] == ["preempted", "preempted"]
   assert stopped[0].step == 3  # The call after the signal, logged and checkpointed.
   monkeypatch.setattr(checkpoints.Saver, "save", real_save)
-  resumed = population.train_population(_configs(prepared_data_dir), workdirs)
+  resumed = train.train_population(_configs(prepared_data_dir), workdirs)
   assert [s.status for s in resumed[:2]] == ["completed", "completed"]
   assert resumed[2].status == "diverged"
   for straight, again in zip(packed[:2], workdirs[:2]):
@@ -115,24 +115,21 @@ def test_configs_that_need_other_programs_are_refused_with_the_reason(prepared_d
   configs[1].model.width = 0.5
   configs[0].diagnostics_every = 0
   with pytest.raises(config_lib.ConfigError, match="differ in more than seed, optimizer.lr"):
-    population.train_population(configs, [str(tmp_path / "a"), str(tmp_path / "b")])
+    train.train_population(configs, [str(tmp_path / "a"), str(tmp_path / "b")])
   assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow
 def test_a_frozen_member_keeps_its_state_while_the_others_train(prepared_data_dir):
-  # The fixtures' own configs and population size: the program is the one they compiled.
   configs = [train.prepare(c)[0] for c in _configs(prepared_data_dir)]
   trainer = trainer_lib.build(configs[0], data.dataset_info(configs[0].dataset),
-                              parallel.make_mesh())
-  made = population.programs(trainer, len(configs))
+                              parallel.make_mesh(), population=len(configs))
   active = parallel.put_replicated(np.array([True, False, True]), trainer.mesh)
-  state = population.stack([trainer.for_config(c).init_state() for c in configs])
+  state = trainer.stack([trainer.for_config(c).init_state() for c in configs])
   before = jax.device_get(state)
-  totals = population.zeros(trainer, len(configs))
+  totals = trainer.zero_totals()
   for _ in range(2):
-    state, totals = made["train"](state, totals, trainer.source.train_inputs(), active,
-                                  parallel.put_replicated(np.int32(1), trainer.mesh))
+    state, totals, _ = trainer.train(state, totals, active=active)
   state, totals = jax.device_get((state, totals))
   assert list(state.step) == [2, 0, 2] and list(totals["count"]) == [2 * 16, 0, 2 * 16]
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[1], b[1]), state, before)

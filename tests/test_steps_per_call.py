@@ -56,7 +56,7 @@ def test_k_steps_in_one_call_are_bitwise_k_calls_of_one_and_near_the_one_step_pr
   runs = {}
   for name, counts in (("one call", [3]), ("three calls", [1, 1, 1]), ("two calls", [2, 1])):
     trainer = _trainer(3, batches)
-    assert trainer.steps_per_call == 3 and "loop" in trainer.train_programs
+    assert trainer.steps_per_call == 3 and trainer.loop_program is not None
     state, totals = trainer.init_state(), trainer.zero_totals()
     for count in counts:
       state, totals, diagnostics = trainer.train(state, totals, steps=count)
@@ -70,7 +70,7 @@ def test_k_steps_in_one_call_are_bitwise_k_calls_of_one_and_near_the_one_step_pr
   # The one-step program CPUs use (steps_per_call 1) rounds differently; the yardstick is the
   # last SGD update's size, which rounding should not approach.
   plain = _trainer(1, batches)
-  assert "loop" not in plain.train_programs
+  assert plain.loop_program is None
   state, totals = plain.init_state(), plain.zero_totals()
   params = []
   for _ in batches:

@@ -201,7 +201,7 @@ def test_step_without_diagnostics_computes_none_of_their_norms():
   inputs = trainer.source.train_spec
 
   def sqrt_count(with_diagnostics):
-    program = trainer.train_programs["diagnostics" if with_diagnostics else "plain"]
+    program = trainer.diagnostics_program if with_diagnostics else trainer.train_program
     return str(program.trace(state, totals, inputs).jaxpr).count(" sqrt ")
 
   # BN uses rsqrt and SGD no square roots: every sqrt is a diagnostics norm (9 blocks' activation
@@ -217,7 +217,7 @@ def test_train_step_is_the_same_program_with_instruments_on_or_off():
     config = config_lib.default_config()
     config.update(instruments)
     trainer = synthetic_trainer(config, parallel.make_mesh(), [batch])
-    jaxpr = trainer.train_programs["plain"].trace(
+    jaxpr = trainer.train_program.trace(
         trainer.abstract_state, trainer.zero_totals(), trainer.source.train_spec).jaxpr
     return str(jaxpr), sorted(trainer.instrument_programs)
 

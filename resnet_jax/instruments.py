@@ -1,0 +1,153 @@
+"""Instruments: measurements of the network during training, each made by programs of its own
+beside the train step, so that the step is the same program with every instrument on or off.
+
+An `Instrument` says everything the rest of the code needs: the config field that turns it on
+and sets its interval (`every`: measured after 0, k, 2k, ... updates and at the last step; its
+`config.ROLES` entry makes it resumable, an interval the loop's calls end at, and work only a
+run trained alone records), the metrics.jsonl event it writes, the programs `trainer.build` jits
+for it when it is on, and how it measures one state into that event's fields. `INSTRUMENTS`
+lists them; the trainer and the loop (train.py) read nothing else.
+
+Each measures the network of a state on un-augmented training examples (`source.measure_batch`)
+drawn from a key stream of its own, so a measurement is a pure function of (seed, step, state)
+and a resumed run records what an uninterrupted one does. The mathematics is curvature.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from resnet_jax import curvature, parallel, reporting, sources
+
+# fold_in tags of the instruments' key streams, apart from the batch order's (epochs) and the
+# augmentation's (data.AUGMENT_STREAM = 2**31 - 1).
+SHARPNESS_STREAM = 2**31 - 2
+NOISE_SCALE_STREAM = 2**31 - 3
+
+# loss(params, batch_stats, batch) -> the training loss of a uint8 batch, float32 [] (trainer.py).
+Loss = Callable[[Any, Any, dict], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Instrument:
+  """One instrument; see the module's docstring."""
+  every: str  # Its config field: k > 0 measures every k steps; 0 turns it off.
+  event: str  # The kind of the metrics.jsonl event it writes (reporting.py).
+  # (config, source, loss, mesh) -> its jitted programs, by name.
+  programs: Callable[[ml_collections.ConfigDict, sources.Source, Loss, Any], dict[str, Any]]
+  # (config, programs, source, state, lr) -> the event's fields; raises ValueError where the
+  # source cannot draw its batches.
+  measure: Callable[..., dict[str, Any]]
+
+
+def _stream(seed: jax.Array, tag: int) -> jax.Array:
+  """The key stream `tag` of a run's seed."""
+  return jax.random.fold_in(jax.random.key(seed), tag)
+
+
+def sharpness_programs(config: ml_collections.ConfigDict, source: sources.Source, loss: Loss,
+                       mesh) -> dict[str, Any]:
+  """"inputs": (state, measure inputs) -> (the fixed batch, Lanczos's start float32 [n]);
+  "hvp": (params, batch_stats, batch, tangent [n]) -> H @ tangent [n]."""
+  size = config.sharpness_batch_size or config.batch_size
+
+  def inputs(state, measure_inputs):
+    batch_key, start_key = jax.random.split(_stream(state.seed, SHARPNESS_STREAM))
+    flat = ravel_pytree(state.params)[0]
+    start = jax.random.normal(jax.random.fold_in(start_key, state.step), flat.shape, flat.dtype)
+    return source.measure_batch(measure_inputs, batch_key, size), start
+
+  def hvp(params, batch_stats, batch, tangent):
+    return curvature.hessian_vector_product(lambda p: loss(p, batch_stats, batch), params,
+                                            tangent)
+
+  replicated = parallel.replicated(mesh)
+  return {"inputs": jax.jit(inputs, out_shardings=(parallel.batch_sharded(mesh), replicated)),
+          "hvp": jax.jit(hvp, out_shardings=replicated)}
+
+
+def measure_sharpness(config: ml_collections.ConfigDict, programs: dict[str, Any],
+                      source: sources.Source, state, lr: float) -> dict[str, Any]:
+  """The largest config.sharpness_top eigenvalues of the training loss's Hessian at `state`.
+
+  The loss is steps.training_loss on config.sharpness_batch_size (0: batch_size) un-augmented
+  training examples, the same ones at every measurement (drawn by the seed's SHARPNESS_STREAM
+  alone, whatever the step). Lanczos (curvature.lanczos) makes config.sharpness_iters
+  Hessian-vector products, starting from a direction drawn for `state.step`. The event has the
+  top one ("sharpness"), all of them, descending ("eigenvalues": fewer only when the Krylov
+  space closes first), and the optimiser's stability threshold at `lr` ("threshold").
+  """
+  batch, start = programs["inputs"](state, source.measure_inputs())
+  product = lambda tangent: programs["hvp"](state.params, state.batch_stats, batch, tangent)
+  alphas, betas = curvature.lanczos(product, start, config.sharpness_iters)
+  eigenvalues = [float(v) for v in curvature.top_ritz_values(alphas, betas,
+                                                             config.sharpness_top)]
+  opt = config.optimizer
+  # LARS rescales each layer's step by its own trust ratio: no one threshold in η applies.
+  threshold = (curvature.stability_threshold(lr, opt.momentum, opt.nesterov)
+               if opt.name == "sgd" else None)
+  return {"sharpness": eigenvalues[0], "eigenvalues": eigenvalues, "threshold": threshold}
+
+
+def noise_scale_programs(config: ml_collections.ConfigDict, source: sources.Source, loss: Loss,
+                         mesh) -> dict[str, Any]:
+  """"batches": (state, measure inputs) -> (the step's batch, its noise_scale_parts parts);
+  "grad_sq_norm": (params, batch_stats, batch) -> |gradient of the loss|², float32 []."""
+  small = config.batch_size // config.noise_scale_parts
+
+  def batches(state, measure_inputs):
+    key = jax.random.fold_in(_stream(state.seed, NOISE_SCALE_STREAM), state.step)
+    batch = source.measure_batch(measure_inputs, key, config.batch_size)
+    return batch, [jax.tree.map(lambda x, i=i: x[i * small:(i + 1) * small], batch)
+                   for i in range(config.noise_scale_parts)]
+
+  def grad_sq_norm(params, batch_stats, batch):
+    return optax.tree.norm(jax.grad(loss)(params, batch_stats, batch), squared=True)
+
+  # Each part is sharded over the devices on its own (validate: small % devices == 0).
+  return {"batches": jax.jit(batches, out_shardings=parallel.batch_sharded(mesh)),
+          "grad_sq_norm": jax.jit(grad_sq_norm, out_shardings=parallel.replicated(mesh))}
+
+
+def measure_noise_scale(config: ml_collections.ConfigDict, programs: dict[str, Any],
+                        source: sources.Source, state, lr: float) -> dict[str, Any]:
+  """The simple gradient noise scale at `state` (curvature.noise_scale_estimates).
+
+  |G_big|² is the squared norm of the gradient of steps.training_loss on batch_size
+  un-augmented training examples drawn for `state.step`; |G_small|² the mean of the same over
+  its config.noise_scale_parts equal parts, each with BN's statistics over that part, as a run
+  at the smaller batch would train. BN couples a batch's examples, so the estimator's premise
+  (E|G_B|² = |G|² + tr(Σ)/B for B independent examples) holds only approximately. Returns
+  {"grad_sq_norm", "trace_cov", "b_simple", "b_big", "b_small"}.
+  """
+  del lr
+  big, parts = programs["batches"](state, source.measure_inputs())
+  sq_norm = lambda batch: programs["grad_sq_norm"](state.params, state.batch_stats, batch)
+  big_sq, *small_sq = parallel.to_host([sq_norm(big)] + [sq_norm(part) for part in parts])
+  b_big = config.batch_size
+  b_small = b_big // config.noise_scale_parts
+  estimates = curvature.noise_scale_estimates(float(big_sq), float(np.mean(small_sq)),
+                                              b_big, b_small)
+  return {**estimates, "b_big": b_big, "b_small": b_small}
+
+
+INSTRUMENTS: dict[str, Instrument] = {
+    "sharpness": Instrument("sharpness_every", reporting.SHARPNESS, sharpness_programs,
+                            measure_sharpness),
+    "noise_scale": Instrument("noise_scale_every", reporting.NOISE_SCALE, noise_scale_programs,
+                              measure_noise_scale),
+}
+
+
+def due(config: ml_collections.ConfigDict, step: int) -> list[str]:
+  """The instruments that measure the network after `step` updates, in INSTRUMENTS' order."""
+  return [name for name, instrument in INSTRUMENTS.items()
+          if config[instrument.every] and step % config[instrument.every] == 0]
