@@ -53,7 +53,7 @@ sweep() {
   devices=$(printf '0,%.0s' $(seq "$4"))
   JAX_COMPILATION_CACHE_DIR="$runs/xla_cache" XLA_PYTHON_CLIENT_MEM_FRACTION=0.$((100 / ($4 + 1))) \
       timeout $(limit "$3") python -m resnet_jax.sweep --config="configs/sweeps/$1.py" \
-      --workdir="$runs/$2" --parallel="$4" --devices="${devices%,}" 2>&1 | tail -"$5"
+      --workdir="$runs/$2" --pack=processes:"$4" --devices="${devices%,}" 2>&1 | tail -"$5"
   python -m resnet_jax.sweep --workdir="$runs/$2" --plot 2>&1 | tail -5
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

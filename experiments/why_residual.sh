@@ -35,7 +35,7 @@ copy_results() {
 # Runs the sweep configs/sweeps/$1.py in directory $2 (printing the last $3 lines of its table),
 # plots it, and copies its results into $out/$1.
 sweep_and_plot() {
-  python -m resnet_jax.sweep --config="configs/sweeps/$1.py" --workdir="$2" --parallel=2 2>&1 \
+  python -m resnet_jax.sweep --config="configs/sweeps/$1.py" --workdir="$2" --pack=processes:2 2>&1 \
       | tail -"$3"
   python -m resnet_jax.sweep --workdir="$2" --plot 2>&1 | grep '^wrote'
   copy_results "$2" "$out/$1"

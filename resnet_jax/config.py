@@ -56,20 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = 224  # Streaming (ImageNet) crops only.
   c.dataset.worker_count = 4  # Streaming only: Grain worker processes per host.
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "resnet20"
-  c.model.skip = True  # False = the plain twin: no shortcut additions, no projections.
-  c.model.shortcut = "A"  # CIFAR family: "A" (zero-pad) or "B" (1x1 projection).
-  c.model.variant = "v1.5"  # ImageNet family: "v1", "v1.5" or "v2" (pre-activation).
-  c.model.zero_init_residual = False
-  c.model.bn_momentum = 0.9
-  c.model.bn_epsilon = 1e-5
-  # BN batch variance: "two_pass", "one_pass" (faster, cancels where a channel's mean dwarfs its
-  # spread) or "shifted" (one pass, exact); see models.batch_norm.
-  c.model.bn_variance = "two_pass"
-  c.model.conv = "xla"  # "xla" or "im2col" (a matrix product: fast under vmap; models.im2col_conv).
-  c.model.dtype = "float32"  # Computation dtype; parameters stay float32.
-  c.model.width = 1.0  # Multiplier on every stage's filters: 0.5 -> CIFAR stages of 8/16/32.
+  # The model's options, their defaults and what each may be: architectures.OPTIONS.
+  c.model = ml_collections.ConfigDict(architectures.defaults())
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -356,7 +344,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   """
   errors: list[str] = []
   _one_of(errors, "config.dataset.name", config.dataset.name, DATASETS)
-  errors += architectures.model_errors(prefix="config.model.", **config.model)
+  errors += architectures.model_errors(config.model, prefix="config.model.")
 
   opt = config.optimizer
   _one_of(errors, "config.optimizer.name", opt.name, OPTIMIZERS)

@@ -58,7 +58,6 @@ from flax.linen import normalization as flax_normalization
 from jax import lax
 
 from resnet_jax import architectures
-from resnet_jax import config as config_lib
 
 ModuleDef = Any
 # One convolution of a residual branch: (kernel size, output filters, stride).
@@ -345,14 +344,17 @@ CIFAR_STEM = functools.partial(Stem, kernel_size=3, stride=1, max_pool=False)
 IMAGENET_STEM = functools.partial(Stem, kernel_size=7, stride=2, max_pool=True)
 
 
+_OPTIONS = architectures.OPTIONS
+
+
 class ResNet(nn.Module):
   """Stem, stages of blocks, global average pool, dense: x [B, H, W, C] -> logits f32 [B, classes].
 
   The first stage keeps the stem's resolution; every later stage halves it in its first block.
   Stage filters and the stem's filters (the first stage's) are multiplied by `width`; get_model
-  checks that every product is a whole number. No field has a default: get_model sets the
-  architecture's fields from resnet_jax/architectures.py and the options from
-  `config.model` (defaults in config.default_config).
+  checks that every product is a whole number. get_model sets the architecture's fields from
+  resnet_jax/architectures.py and the options from `config.model`; an option left out takes its
+  default (architectures.OPTIONS).
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -380,15 +382,16 @@ class ResNet(nn.Module):
   stem: ModuleDef
   preact: bool
   num_classes: int
-  skip: bool
-  shortcut: str
-  zero_init_residual: bool
-  bn_momentum: float
-  bn_epsilon: float
-  bn_variance: str
-  conv: str
-  dtype: Any
-  width: float
+  # The model options (architectures.OPTIONS), with their defaults.
+  skip: bool = _OPTIONS["skip"].default
+  shortcut: str = _OPTIONS["shortcut"].default
+  zero_init_residual: bool = _OPTIONS["zero_init_residual"].default
+  bn_momentum: float = _OPTIONS["bn_momentum"].default
+  bn_epsilon: float = _OPTIONS["bn_epsilon"].default
+  bn_variance: str = _OPTIONS["bn_variance"].default
+  conv: str = _OPTIONS["conv"].default
+  dtype: Any = jnp.dtype(_OPTIONS["dtype"].default)
+  width: float = _OPTIONS["width"].default
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -429,29 +432,22 @@ def get_model(name: str, *, num_classes: int, **options) -> ResNet:
     name: CIFAR depths 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200
       ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
     num_classes: outputs of the dense head.
-    **options: `config.model`'s other fields, documented in config.default_config (skip,
-      shortcut, variant, zero_init_residual, bn_momentum, bn_epsilon, bn_variance, conv, dtype,
-      width); those left out take default_config()'s values. `dtype` may be a name or a jnp
-      dtype. `variant` picks the ImageNet layout; the others become ResNet's fields, but
-      ImageNet nets always project their shortcuts ("B").
+    **options: the other model options (architectures.OPTIONS, config.model's fields); those
+      left out take their defaults. `dtype` may be a name or a jnp dtype. `variant` picks the
+      ImageNet layout; the others become ResNet's fields, but ImageNet nets always project their
+      shortcuts ("B").
 
   Raises:
     ValueError: every problem architectures.model_errors finds (the check config.validate
-      makes), e.g. an unknown name or depth, a width that leaves a fractional filter count, or
-      zero_init_residual on a plain twin.
-    TypeError: an option that is not a field of `config.model`.
+      makes), e.g. an unknown option, name or depth, a width that leaves a fractional filter
+      count, or zero_init_residual on a plain twin.
   """
-  defaults = dict(config_lib.default_config().model)
-  del defaults["name"]  # The argument `name`.
-  unknown = sorted(set(options) - set(defaults))
-  if unknown:
-    raise TypeError(f"get_model got unknown options {unknown}; config.model's other fields are "
-                    f"{', '.join(defaults)}")
-  options = {**defaults, **options}
+  options = {**architectures.defaults(), **options, "name": name}
   options["dtype"] = dtype_name(options["dtype"])
-  errors = architectures.model_errors(name=name, **options)
+  errors = architectures.model_errors(options)
   if errors:
     raise ValueError("invalid model:\n  " + "\n  ".join(errors))
+  del options["name"]
   variant = options.pop("variant")
   family, depth = architectures.family_and_depth(name)
   if family == "cifar":

@@ -75,7 +75,7 @@ def parse_pack(text: str) -> tuple[str, int]:
 
 
 def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
-              run_fn: RunFn | None = None, point_index: int | None = None, parallel: int = 1,
+              run_fn: RunFn | None = None, point_index: int | None = None,
               devices: Sequence[str] = (), lock_timeout_s: float = 0.0,
               pack: str = "off") -> list[dict]:
   """Runs the sweep's unfinished points, then writes and returns the results table.
@@ -85,10 +85,10 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the sweep's directory; point i runs in workdir/<its name>. A whole sweep (no
       point_index) locks it: a second one there is refused.
     run_fn: runs one point, `(config, workdir) -> reporting.Summary`; default
-      `train.train_and_evaluate`. Only in-process: not with parallel > 1.
+      `train.train_and_evaluate`. Only with pack "off".
     point_index: run this point only (a cluster array task); None runs them all.
-    parallel: points run at once, each in its own process (the same as pack="processes:N").
-    devices: GPU ids handed out to those processes, in turn (CUDA_VISIBLE_DEVICES).
+    devices: GPU ids handed out to the processes of pack "processes:N", in turn
+      (CUDA_VISIBLE_DEVICES).
     lock_timeout_s: how long a point waits for its workdir while another process holds it.
     pack: how points share the machine: off, processes:N, population:N or auto (see above).
 
@@ -100,14 +100,8 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *,
     raise config_lib.ConfigError(
         f"point_index must be in [0, {len(sweep) - 1}]; got {point_index}")
   mode, size = parse_pack(pack)
-  if parallel > 1:
-    if mode != "off":
-      raise config_lib.ConfigError(f"parallel={parallel} and pack={pack!r} both say how points "
-                                   "share the machine: give one (processes:N is parallel=N)")
-    mode, size = "processes", parallel
-  if parallel < 1 or mode != "off" and run_fn is not None:
-    raise config_lib.ConfigError(f"parallel must be >= 1, and a run_fn runs with pack off only; "
-                                 f"got parallel={parallel}, pack={pack!r}")
+  if mode != "off" and run_fn is not None:
+    raise config_lib.ConfigError(f"a run_fn runs with pack off only; got pack={pack!r}")
   sweep_lock = lock.WorkdirLock(workdir)
   if point_index is None:
     sweep_lock.acquire()  # Array tasks share the sweep's directory; whole sweeps do not.

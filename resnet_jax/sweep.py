@@ -15,14 +15,14 @@ Commands (`--config` may be left out once the workdir holds the sweep, in sweep.
         off (default)  one point at a time in this process; points that differ only in the
                        step's inputs (lr, momentum, weight decay, seed) compile once;
         processes:N    N points at once, each in its own process (its output in the point's
-                       sweep_worker.log), the same as --parallel=N;
+                       sweep_worker.log);
         population:N   up to N points that differ only in the step's inputs trained as one
                        vmapped program (resnet_jax/population.py), each with its own records;
         auto           the platform's measured best (runner.AUTO_PACK).
       Every mode shares the compilation cache in the sweep's workdir (xla_cache).
       --devices=0,1,2,3 gives the k-th concurrent process GPU k % 4 through
-      CUDA_VISIBLE_DEVICES. On a 2-core CPU --parallel=2 ran 1.3x (depth 56, batch 128) to 2x
-      (depth 20, batch 32) as fast as one point at a time. Processes sharing a GPU each take
+      CUDA_VISIBLE_DEVICES (the README says what processes:N gains where). Processes sharing a
+      GPU each take
       0.9/N of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (--devices=0,0,0
       shares one GPU three ways).
       SIGTERM or Ctrl-C stops the points in flight (workers are sent SIGTERM) with their last
@@ -86,7 +86,8 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory.", required=True)
   _LIST = flags.DEFINE_bool("list", False, "Print 'index name' per point and exit.")
   _POINT_INDEX = flags.DEFINE_integer("point_index", None, "Run only this point.")
-  _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points at once, one process each.")
+  # The earlier spelling of --pack=processes:N, kept to say so.
+  _PARALLEL = flags.DEFINE_integer("parallel", None, "Replaced by --pack=processes:N.")
   _DEVICES = flags.DEFINE_list("devices", [], "GPU ids handed to the parallel processes in turn.")
   _REPORT = flags.DEFINE_bool("report", False, "Rewrite results.csv and print it; run nothing.")
   _PLOT = flags.DEFINE_bool("plot", False, "As --report, and write the figures.")
@@ -101,9 +102,11 @@ def main(argv: list[str]) -> int:
   del argv  # cli.run refuses positional arguments.
   workdir, point_index = _WORKDIR.value, _POINT_INDEX.value
   options = None
+  if _PARALLEL.present:
+    cli.fail(f"--parallel is now --pack: give --pack=processes:{_PARALLEL.value}")
   if launch.requested():
-    local = [f"--{f.name}" for f in (_LIST, _POINT_INDEX, _PARALLEL, _DEVICES, _PACK, _REPORT,
-                                     _PLOT) if f.present]
+    local = [f"--{f.name}" for f in (_LIST, _POINT_INDEX, _DEVICES, _PACK, _REPORT, _PLOT)
+             if f.present]
     if local:
       cli.fail(f"{', '.join(local)} cannot be combined with --launch=slurm: each array task "
                "runs one point; --list, --report and --plot read the workdir")
@@ -127,7 +130,7 @@ def main(argv: list[str]) -> int:
     rows = results.write_results(sweep, workdir)
   else:
     rows = runner.run_sweep(sweep_config, workdir, point_index=point_index,
-                            parallel=_PARALLEL.value, devices=_DEVICES.value,
+                            devices=_DEVICES.value,
                             lock_timeout_s=_LOCK_TIMEOUT_S.value, pack=_PACK.value)
   if point_index is not None:  # A worker process: its point's outcome is the code.
     return (cli.EXIT_PREEMPTED if rows[point_index]["status"] == reporting.PREEMPTED

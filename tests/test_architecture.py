@@ -1,10 +1,13 @@
-"""ARCHITECTURE.md's "Adding things" holds: a config field with a role and an instrument, each
-added in a test by touching only the places ARCHITECTURE.md names, work end to end.
+"""ARCHITECTURE.md's "Adding things" holds: a model option, a config field with a role and an
+instrument, each added in a test by touching only the places ARCHITECTURE.md names, work end to
+end.
 
-A config field: its default in config.default_config() and its Role in config.ROLES. An
-instrument: an entry of instruments.INSTRUMENTS, with its interval field (a default and a Role)
-and its event kind. Nothing else is patched: the trainer, the loop, checkpoints, packing and the
-calls of several steps must follow from those entries alone.
+A model option: an entry of architectures.OPTIONS (its default and its check) and a field of
+models.ResNet. A config field: its default in config.default_config() and its Role in
+config.ROLES. An instrument: an entry of instruments.INSTRUMENTS, with its interval field (a
+default and a Role) and its event kind. Nothing else is patched: validation, the model, the
+trainer, the loop, checkpoints, packing and the calls of several steps must follow from those
+entries alone.
 """
 
 from __future__ import annotations
@@ -16,9 +19,43 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import checkpoints, instruments, population, reporting, train, trainer
+from resnet_jax import (architectures, checkpoints, instruments, models, population, reporting,
+                        train, trainer)
 from resnet_jax import config as config_lib
 from tests.test_train import tiny_config
+
+
+def test_a_model_option_is_validated_built_into_the_net_and_compiled_in(monkeypatch):
+  # The option: its default and its check, and a field of the network that uses it.
+  monkeypatch.setitem(architectures.OPTIONS, "logit_scale", architectures.Option(
+      1.0, check=lambda v, options: None if v > 0 else f"logit_scale must be > 0; got {v}"))
+
+  resnet = models.ResNet
+
+  class ScaledResNet(resnet):
+    logit_scale: float = 1.0
+
+    def __call__(self, x, train: bool):
+      return resnet.__call__(self, x, train) * self.logit_scale
+
+  monkeypatch.setattr(models, "ResNet", ScaledResNet)
+
+  config = tiny_config("", **{"model.width": 0.25, "model.logit_scale": 2.0})
+  config_lib.validate(config)
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.logit_scale must be > 0"):
+    config_lib.validate(tiny_config("", **{"model.logit_scale": -1.0}))
+  scaled = models.get_model(num_classes=10, **config.model)
+  plain = models.get_model(num_classes=10, **{**config.model, "logit_scale": 1.0})
+  assert isinstance(scaled, ScaledResNet) and scaled.logit_scale == 2.0
+  x = np.linspace(-1, 1, 2 * 28 * 28).reshape(2, 28, 28, 1).astype(np.float32)
+  variables = plain.init(jax.random.key(0), x, train=False)
+  np.testing.assert_array_equal(scaled.apply(variables, x, train=False),
+                                2 * plain.apply(variables, x, train=False))
+  # Compiled into the programs and fixed for a run's life, as every model option.
+  unscaled = tiny_config("", **{"model.width": 0.25})
+  assert trainer.program_key(config) != trainer.program_key(unscaled)
+  assert checkpoints.config_mismatches(unscaled.to_dict(), config) == [
+      "model.logit_scale: checkpoint 1.0, config 2.0"]
 
 
 def _add_field(monkeypatch, name: str, default, role: config_lib.Role) -> None:

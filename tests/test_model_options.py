@@ -316,9 +316,7 @@ def tiny_imagenet_net(conv: str) -> ResNet:
   7x7, strided 1x1 (v1 strides the first 1x1), 3x3 and 1x1 projections, at a tiny size."""
   return ResNet(stage_sizes=(1, 1), stage_filters=(4, 8), num_classes=3, stem=IMAGENET_STEM,
                 branch_convs=functools.partial(bottleneck_branch, stride_on_3x3=False),
-                preact=False, skip=True, shortcut="B", zero_init_residual=False,
-                bn_momentum=0.9, bn_epsilon=1e-5, bn_variance="two_pass", conv=conv,
-                dtype=jnp.float32, width=1)
+                preact=False, shortcut="B", conv=conv)
 
 
 NETS = {

@@ -169,7 +169,7 @@ def test_point_index_runs_only_that_point(tmp_path):
 
 
 def test_concurrent_array_tasks_of_one_sweep_do_not_collide_on_its_files(tmp_path):
-  # Job-array tasks and --parallel workers each rewrite sweep.json and results.csv; a shared
+  # Job-array tasks and processes:N workers each rewrite sweep.json and results.csv; a shared
   # temporary file name made one task's rename fail when another had just renamed it.
   config = make_sweep(points.axis("depth", [20, 32, 44, 56]))
 
@@ -270,15 +270,16 @@ record("completed", 2000, os.environ["CUDA_VISIBLE_DEVICES"])
 
 def test_parallel_workers_run_every_point_on_the_devices_in_turn(tmp_path, monkeypatch):
   fake_worker(monkeypatch, WRITE_DEVICE_SUMMARY)
-  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path), parallel=2,
-                          devices=["3", "5"])
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path),
+                          pack="processes:2", devices=["3", "5"])
   assert [r["status"] for r in rows] == ["completed", "completed"]
   assert sorted(r["message"] for r in rows) == ["3", "5"]
 
 
 def test_parallel_worker_that_crashes_is_recorded_as_failed(tmp_path, monkeypatch):
   fake_worker(monkeypatch, "import sys; sys.exit(9)")
-  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path), parallel=2)
+  rows = runner.run_sweep(make_sweep(points.axis("depth", [20, 32])), str(tmp_path),
+                          pack="processes:2")
   assert [r["status"] for r in rows] == ["failed", "failed"]
   assert rows[0]["message"].startswith("worker process exited with code 9; see ")
 
@@ -306,7 +307,7 @@ def test_sigterm_to_a_parallel_sweep_stops_its_workers_and_starts_no_more(tmp_pa
 
   threading.Thread(target=preempt_once_both_run, daemon=True).start()
   begin = time.time()
-  rows = runner.run_sweep(config, str(tmp_path), parallel=2)
+  rows = runner.run_sweep(config, str(tmp_path), pack="processes:2")
   assert time.time() - begin < 60  # Not the workers' 120 s: they were stopped.
   assert [r["status"] for r in rows] == ["preempted", "preempted", "pending"]
   assert not (tmp_path / "depth=44").exists()
@@ -353,7 +354,7 @@ def test_killed_parallel_sweep_leaves_no_worker_training(prepared_data_dir, tmp_
       "      'points': points.axis('seed', [0, 1])})\n")
   workdir = tmp_path / "runs"
   parent = subprocess.Popen([sys.executable, "-m", "resnet_jax.sweep", f"--config={sweep_file}",
-                             f"--workdir={workdir}", "--parallel=2"], cwd=REPO,
+                             f"--workdir={workdir}", "--pack=processes:2"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   points = [workdir / "seed=0", workdir / "seed=1"]
   deadline = time.time() + 300
@@ -504,3 +505,10 @@ def test_a_sweep_file_of_the_earlier_api_still_runs_and_says_what_replaced_it(tm
   assert out.stderr.splitlines() == [  # Once a name.
       f"warning: resnet_jax.sweep.{name} is resnet_jax.points.{name} now: `from resnet_jax "
       f"import points` and call points.{name}" for name in ("product", "axis")]
+
+
+def test_the_earlier_parallel_flag_is_refused_naming_its_replacement(tmp_path):
+  out = run_cli(f"--workdir={tmp_path / 'runs'}", "--parallel=3")
+  assert out.returncode == 2
+  assert out.stderr == "error: --parallel is now --pack: give --pack=processes:3\n"
+  assert not (tmp_path / "runs").exists()

@@ -2,7 +2,7 @@
 
 Command (prepare once: python -m resnet_jax.prepare cifar10):
   python -m resnet_jax.sweep --config=configs/sweeps/ablation_cifar10.py \
-      --workdir=runs/ablation_cifar10 --parallel=4 --devices=0,1,2,3
+      --workdir=runs/ablation_cifar10 --pack=processes:4 --devices=0,1,2,3
   python -m resnet_jax.sweep --workdir=runs/ablation_cifar10 --plot
 or one point per task of a SLURM array (see resnet_jax/sweep.py). `--plot` writes
 error_curves.png (Figure 6), ablation_table.md (beside Table 6) and gradient_flow.png.

@@ -3,7 +3,7 @@ ResNets of depth 20 and 56 on Fashion-MNIST, at half width (stages of 8/16/32 fi
 
 Command (prepare once: python -m resnet_jax.prepare fashion_mnist):
   python -m resnet_jax.sweep --config=configs/sweeps/ablation_fashion_mnist.py \
-      --workdir=runs/ablation_fashion_mnist --parallel=2
+      --workdir=runs/ablation_fashion_mnist --pack=processes:2
   python -m resnet_jax.sweep --workdir=runs/ablation_fashion_mnist --plot
 4 runs of configs/fashion_mnist.py:width=0.5, two at a time: 600 steps at batch 128 (1.3 epochs),
 lr 0.1 with Nesterov momentum, 150 warmup steps and cosine decay; test error at the end,

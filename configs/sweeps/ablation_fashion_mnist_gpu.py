@@ -4,7 +4,7 @@ ResNets of depth 110, 56 and 20 (the slowest first), 6 epochs each.
 Command (prepare once: python -m resnet_jax.prepare fashion_mnist):
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 python -m resnet_jax.sweep \
       --config=configs/sweeps/ablation_fashion_mnist_gpu.py \
-      --workdir=runs/ablation_fashion_mnist_gpu --parallel=3 --devices=0,0,0
+      --workdir=runs/ablation_fashion_mnist_gpu --pack=processes:3 --devices=0,0,0
   python -m resnet_jax.sweep --workdir=runs/ablation_fashion_mnist_gpu --plot
 Three points share the GPU at once: a CIFAR ResNet at batch 128 is bound by kernel-launch
 latency, so one process leaves most of an H100 idle. 6 epochs of 468 full batches of 128 (2808

@@ -2,7 +2,7 @@
 
 Command (prepare once: python -m resnet_jax.prepare fashion_mnist):
   python -m resnet_jax.sweep --config=configs/sweeps/batch_size_fashion_mnist.py \
-      --workdir=runs/batch_size_fashion_mnist --parallel=2
+      --workdir=runs/batch_size_fashion_mnist --pack=processes:2
 Every point sees the same 51,200 images (0.85 epochs): num_steps is zipped with the batch size,
 and the peak lr follows the batch, 0.1 per 128 images (optimizer.base_batch_size), so batch 32
 trains at lr 0.025 and batch 256 at lr 0.2.

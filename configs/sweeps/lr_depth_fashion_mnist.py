@@ -4,7 +4,7 @@ depth 20 and 56 on Fashion-MNIST at quarter width (stages of 4/8/16 filters), pe
 Command (prepare once: python -m resnet_jax.prepare fashion_mnist):
   JAX_COMPILATION_CACHE_DIR=runs/xla_cache python -m resnet_jax.sweep \
       --config=configs/sweeps/lr_depth_fashion_mnist.py --workdir=runs/lr_depth_fashion_mnist \
-      --parallel=2
+      --pack=processes:2
   python -m resnet_jax.sweep --workdir=runs/lr_depth_fashion_mnist --plot
 20 runs of configs/fashion_mnist.py:width=0.25, two at a time: 300 steps at batch 32 (0.16
 epochs), 20 warmup steps to the peak lr and cosine decay, momentum 0.9, weight decay 1e-4. A

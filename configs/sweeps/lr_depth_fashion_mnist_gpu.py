@@ -4,7 +4,7 @@ depth 110, 56 and 20 at peak lr 0.01 to 3, 2 epochs each.
 Command (prepare once: python -m resnet_jax.prepare fashion_mnist):
   JAX_COMPILATION_CACHE_DIR=runs/xla_cache XLA_PYTHON_CLIENT_MEM_FRACTION=0.25 \
       python -m resnet_jax.sweep --config=configs/sweeps/lr_depth_fashion_mnist_gpu.py \
-      --workdir=runs/lr_depth_fashion_mnist_gpu --parallel=3 --devices=0,0,0
+      --workdir=runs/lr_depth_fashion_mnist_gpu --pack=processes:3 --devices=0,0,0
   python -m resnet_jax.sweep --workdir=runs/lr_depth_fashion_mnist_gpu --plot
 36 runs of configs/fashion_mnist.py (full width), three sharing the GPU: 2 epochs of 117 full
 batches of 512 (234 steps), 20 warmup steps to the peak lr and cosine decay, momentum 0.9, weight

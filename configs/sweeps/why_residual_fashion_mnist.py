@@ -4,7 +4,7 @@ depth 20 and 56 on Fashion-MNIST at quarter width, with every instrument on.
 Commands (prepare once: python -m resnet_jax.prepare fashion_mnist; all of them in order, with
 the lr x depth map after: bash experiments/why_residual.sh OUT_DIR):
   python -m resnet_jax.sweep --config=configs/sweeps/why_residual_fashion_mnist.py \
-      --workdir=runs/why_residual_fashion_mnist --parallel=2
+      --workdir=runs/why_residual_fashion_mnist --pack=processes:2
   python -m resnet_jax.sweep --workdir=runs/why_residual_fashion_mnist --plot
   W=runs/why_residual_fashion_mnist
   python -m resnet_jax.landscape --workdir="$W/depth=20,skip=false" --grid=21 --examples=256

@@ -4,7 +4,7 @@ depth 110 and 20 (the slowest first), 4 epochs each, with every instrument on.
 Commands (prepare once: python -m resnet_jax.prepare fashion_mnist):
   JAX_COMPILATION_CACHE_DIR=runs/xla_cache XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 \
       python -m resnet_jax.sweep --config=configs/sweeps/why_residual_fashion_mnist_gpu.py \
-      --workdir=runs/why_residual_fashion_mnist_gpu --parallel=4 --devices=0,0,0,0
+      --workdir=runs/why_residual_fashion_mnist_gpu --pack=processes:4 --devices=0,0,0,0
   python -m resnet_jax.sweep --workdir=runs/why_residual_fashion_mnist_gpu --plot
   W=runs/why_residual_fashion_mnist_gpu
   python -m resnet_jax.landscape --workdir="$W/depth=110,skip=false"
