@@ -17,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 from resnet_jax import config as config_lib
 from resnet_jax import curvature, data, parallel, plots, reporting, train
-from test_train import synthetic_trainer, tiny_config
+from tests.test_train import synthetic_trainer, tiny_config
 
 EPS32 = float(np.finfo(np.float32).eps)
 

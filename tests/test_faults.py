@@ -27,6 +27,7 @@ import pytest
 from resnet_jax import (checkpoints, cli, compilation, config as config_lib, lock, parallel,
                         preemption, reporting, train)
 from resnet_jax import trainer as trainer_lib
+from tests import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -38,14 +39,8 @@ TINY = {"dataset.eval_split": "test[:64]", "batch_size": 16, "eval_batch_size": 
 
 
 def tiny_config(data_dir: str, **overrides) -> config_lib.ConfigDict:
-  config = config_lib.default_config()
-  for key, value in {"dataset.data_dir": data_dir, **TINY, **overrides}.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  """test_train's tiny run with TINY's fields, the ones cli_args gives the command line too."""
+  return test_train.tiny_config(data_dir, **{**TINY, **overrides})
 
 
 def cli_args(data_dir: str, workdir: str, **overrides) -> list[str]:

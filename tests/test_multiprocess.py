@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import multihost
+from tests import multihost
 
 from resnet_jax import checkpoints, reporting
 

@@ -16,7 +16,7 @@ import sys
 import time
 
 import ml_collections
-import multihost
+from tests import multihost
 import pytest
 import submitit
 
