@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from resnet_jax import config as config_lib
-from resnet_jax import lock, reporting
+from resnet_jax import reporting
 
 MANIFEST_FILE = "checksums.json"
 # Items every checkpoint has, and the one that came with sealing: a checkpoint that has it (as a
@@ -57,12 +57,20 @@ UNUSABLE_DIR = "unusable_checkpoints"  # Beside the checkpoints directory.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet committed.
 _HASH_CHUNK = 1 << 20
 
-class CheckpointMismatchError(config_lib.ConfigError):
+class CheckpointMismatchError(ValueError):
   """A checkpoint exists but was written by a run this config cannot continue."""
 
 
-class NoUsableCheckpointError(lock.WorkdirError):
+class NoUsableCheckpointError(Exception):
   """Every checkpoint of a run failed its checks; they were moved aside, none deleted."""
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """A run has no checkpoint, or none at the step asked for."""
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint asked for by step fails its checks (read_state)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,21 +405,23 @@ def read_state(directory: str, step: int | None = None):
   For analysis (notebooks, plots, comparing runs); training resumes through restore_latest().
   Returns (step, state dict with params, batch_stats, opt_state, step, seed).
   Raises:
-    FileNotFoundError: no checkpoint (at that step) in `directory`.
-    ValueError: the checkpoint fails its checks (as restore_latest makes them).
+    MissingCheckpointError: no checkpoint (at that step) in `directory`; the message lists the
+      steps there are.
+    DamagedCheckpointError: the checkpoint fails its checks (as restore_latest makes them).
   """
   directory = os.path.abspath(directory)
   if step is None:
     found = steps(directory)
     if not found:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
+      raise MissingCheckpointError(f"no checkpoint in {directory}: train the run first")
     step = found[0]
   step_dir = os.path.join(directory, str(step))
   if not os.path.isdir(step_dir):
-    raise FileNotFoundError(f"no checkpoint {step_dir}")
+    raise MissingCheckpointError(f"no checkpoint at step {step} in {directory}; it has steps "
+                                 f"{', '.join(map(str, steps(directory))) or 'none'}")
   problem = check(step_dir, run_seals=run_seals(directory))
   if problem:
-    raise ValueError(f"checkpoint {step_dir} is unusable: {problem}")
+    raise DamagedCheckpointError(f"checkpoint {step_dir} is unusable: {problem}")
   path = os.path.join(step_dir, "state")
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path).item_metadata

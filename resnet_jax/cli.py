@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import config as config_lib
-from resnet_jax import lock, preemption, reporting
+from resnet_jax import preemption, reporting
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # The run failed or diverged; summary.json says why.
@@ -33,11 +33,24 @@ EXIT_PREEMPTED = preemption.EXIT_CODE  # 75: stopped by SIGTERM/SIGINT, checkpoi
 # the loop, with nothing to checkpoint); requeue it.
 EXIT_INTERRUPTED = 130  # A second Ctrl-C: stopped at once; the last checkpoint stands.
 
-# Errors that refuse a run before it starts, their messages saying what is allowed: bad configs,
-# unprepared datasets and checkpoints of another run (ConfigError), workdirs in use, not
-# writable, or without a usable checkpoint (WorkdirError), a record nothing can rebuild damaged
-# (RecordError: sweep.json, a finished run's config.json).
-REFUSALS = (config_lib.ConfigError, lock.WorkdirError, reporting.RecordError)
+# The errors that refuse a command before it starts (exit code 2, one line), by module: each
+# module says what its error means, and its message what is allowed. A module not yet imported
+# raised none of its errors, so none is imported here for its errors alone.
+REFUSALS = {
+    "resnet_jax.config": ("ConfigError",),  # A config validate() rejects.
+    "resnet_jax.lock": ("WorkdirError",),  # A workdir in use, a file, or not writable.
+    "resnet_jax.reporting": ("RecordError",),  # A damaged record nothing can rebuild.
+    "resnet_jax.data": ("DatasetNotPreparedError",),
+    "resnet_jax.checkpoints": ("CheckpointMismatchError", "NoUsableCheckpointError",
+                               "MissingCheckpointError", "DamagedCheckpointError"),
+    "resnet_jax.landscape": ("NotARunError",),
+}
+
+
+def refusal_types() -> tuple[type[BaseException], ...]:
+  """The REFUSALS of the modules imported so far."""
+  return tuple(getattr(sys.modules[module], name) for module, names in REFUSALS.items()
+               if module in sys.modules for name in names)
 
 
 def run(main: Callable[[list[str]], int]) -> None:
@@ -107,8 +120,6 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
          "(--config.<field>=value)")
   try:
     return main(argv)
-  except REFUSALS as e:
-    fail(str(e))
   except KeyboardInterrupt:
     print("interrupted: the last checkpoint stands; run the same command to resume",
           file=sys.stderr)
@@ -121,6 +132,8 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
     sys.stderr.flush()
     os._exit(EXIT_PREEMPTED)
   except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, refusal_types()):
+      fail(str(e))
     if not _is_disk_full(e):
       raise  # A bug: its traceback is what helps.
     fail(f"disk full: {reporting.brief(e)}; free some space and run the same command to resume",

@@ -111,32 +111,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Role:
-  """What a config field is to the code past validate(), beyond its default.
-
-  A field without a Role is compiled into the programs (it decides the network, the data or the
-  recipe) and fixed for a run's life: runs that differ in it share no program, and a checkpoint
-  of one value is refused by a run of another.
-  """
-  # An input of the compiled programs (held in the state), not compiled in: runs that differ
-  # only in such fields share programs and may train as one population.
-  step_input: bool = False
-  # No compiled program depends on it (implies resumable).
-  bookkeeping: bool = False
-  # May change when an interrupted run resumes: it changes how the run is watched or how long
-  # it goes on, not what a step computes.
-  resumable: bool = False
-  # An interval in steps (0 = off) at which the loop has work: a call of several steps ends
-  # there, so the work falls on the same steps whatever steps_per_call is.
-  every: bool = False
-  # Work that only a run trained alone records: runs with it on are not packed into a population.
-  alone: bool = False
-  # A length in epochs: when > 0 it replaces this steps field (resolve_epochs).
-  replaces: str = ""
+  """What a config field is to the code past validate(). A field with no Role is compiled into
+  the programs and fixed for a run's life: runs that differ in it share no program, and a run
+  refuses a checkpoint written under another value."""
+  step_input: bool = False  # An input of the programs (in the state): runs may share programs.
+  bookkeeping: bool = False  # No program depends on it (and it is resumable).
+  resumable: bool = False  # May change when a run resumes: how it is watched, or how long.
+  every: bool = False  # An interval in steps (0: off): a call of several steps ends there.
+  alone: bool = False  # Work only a run trained alone records: such runs are not packed.
+  replaces: str = ""  # A length in epochs: when > 0 it replaces this steps field.
 
 
-# Every field's role, by dotted path; a field not listed has none (see Role). The lists the code
-# needs (which fields the compiled programs depend on, which may change on resume, where a call
-# of several steps ends, ...) are derived from this table by fields().
+# Every field's role, by dotted path; fields() derives the lists the code needs from it.
 ROLES: dict[str, Role] = {
     "seed": Role(step_input=True),
     "optimizer.lr": Role(step_input=True),

@@ -56,7 +56,7 @@ class DatasetInfo:
   std: tuple[float, ...]
 
 
-class DatasetNotPreparedError(config_lib.ConfigError, FileNotFoundError):
+class DatasetNotPreparedError(FileNotFoundError):
   """The configured dataset has not been prepared in its data_dir; the message says how to."""
 
 
@@ -161,7 +161,7 @@ def batch_indices(seed: int | jax.Array, step: jax.Array, batch_size: int,
   Each epoch visits the split in a fresh random order, keyed by fold_in(key(seed), epoch), in
   num_examples // batch_size batches; the last partial batch of each epoch is dropped. The order
   is evaluated only at this batch's positions (see `_shuffled_positions`), so a step costs
-  O(batch_size), not a sort of the split (a 60k-element sort alone takes ~20 ms on a CPU).
+  O(batch_size), not a sort of the whole split at every step.
   """
   if not 0 < batch_size <= num_examples:
     raise ValueError(f"batch_size must be in [1, num_examples={num_examples}]; got {batch_size}")

@@ -30,11 +30,8 @@ compiled program (`make_evaluator`) evaluates the combination sum_k c_k * tree_k
 in chunks of the run's `eval_batch_size`, sharded over the devices. The coefficients are inputs,
 so the line is one compilation and the surface another, whatever the grid.
 
-**Cost.** One forward pass over the images per grid point: grid + grid^2 passes. For a
-width-0.5 ResNet-20 on 256 Fashion-MNIST images, a 21x21 surface and its 21-point line took
-143-200 s on a 2-core AMD EPYC CPU shared with other jobs (load average 5-6): 25 s to compile
-the run's initialisation, 4 s per evaluation program, 0.29 s per grid point. The default 41x41
-on 1,000 images is about 15 times the points' cost.
+**Cost.** One forward pass over the images per grid point: grid + grid^2 passes, besides
+compiling the run's initialisation and the two evaluation programs (the README has figures).
 
 Command line (cli.py's conventions: bad input is one line `error: ...` and exit code 2):
   python -m resnet_jax.landscape --workdir=RUN [--step=N] [--grid=41] [--span=1.0]
@@ -58,25 +55,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import flags
-from matplotlib import colors, ticker
-from matplotlib.figure import Figure
 
-from resnet_jax import checkpoints, cli, data, lock, parallel, reporting, sources, steps
+from resnet_jax import checkpoints, cli, data, parallel, plots, reporting, sources, steps
 from resnet_jax import config as config_lib
 from resnet_jax import trainer as trainer_lib
 
 LANDSCAPE_DIR = "landscape"  # Inside the run's workdir.
 DATA_FILE = "landscape.npz"
-LINE_FILE = "line.png"
-CONTOUR_FILE = "contour.png"
-SURFACE_FILE = "surface.png"
 COMPARE_FILE = "compare.png"
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}, as model.apply takes them.
+
+
+class NotARunError(Exception):
+  """A directory given as a run's workdir is none: missing, or without the run's config.json."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +132,7 @@ def filter_normalize(direction, params):
 def random_directions(seed: int, variables: Variables, count: int = 2) -> list[Variables]:
   """`count` independent Gaussian directions, filter-normalised to `variables["params"]`, with
   zero BN statistics (they stay where they are): a pure function of `seed`, drawn by numpy
-  (jax.random took 27 s to compile for the leaves of a ResNet-20 on a busy 2-core CPU)."""
+  (jax.random compiles a program per leaf shape, which took longer than the draws)."""
   rng = np.random.default_rng(seed)
   directions = []
   for _ in range(count):
@@ -234,14 +229,14 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run recorded in its config.json, over today's defaults (for fields added since).
 
   Raises:
-    lock.WorkdirError: `workdir` is not a run's directory.
+    NotARunError: `workdir` is not a run's directory.
   """
   if not os.path.isdir(workdir):
-    raise lock.WorkdirError(f"workdir {workdir} does not exist")
+    raise NotARunError(f"workdir {workdir} does not exist")
   path = os.path.join(workdir, reporting.CONFIG_FILE)
   if not os.path.isfile(path):
-    raise lock.WorkdirError(f"{workdir} is not a run's workdir: it has no "
-                            f"{reporting.CONFIG_FILE} (python -m resnet_jax.main writes one)")
+    raise NotARunError(f"{workdir} is not a run's workdir: it has no "
+                       f"{reporting.CONFIG_FILE} (python -m resnet_jax.main writes one)")
   config = config_lib.default_config()
   # Renamed fields, today's names.
   config.update(config_lib.upgrade_recorded(reporting.read_json(path, dict)))
@@ -252,17 +247,18 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
   """The run's checkpoint to use: `step`, or its newest.
 
   Raises:
-    lock.WorkdirError: the run has no checkpoint, or none at `step` (the message lists them).
+    checkpoints.MissingCheckpointError: the run has no checkpoint, or none at `step` (the
+      message lists them).
   """
   directory = os.path.join(workdir, "checkpoints")
   found = checkpoints.steps(directory)
   if not found:
-    raise lock.WorkdirError(f"no checkpoint in {directory}: train the run first")
+    raise checkpoints.MissingCheckpointError(f"no checkpoint in {directory}: train the run first")
   if step is None:
     return found[0]
   if step not in found:
-    raise lock.WorkdirError(f"no checkpoint at step {step} in {directory}; it has steps "
-                            f"{', '.join(map(str, found))}")
+    raise checkpoints.MissingCheckpointError(
+        f"no checkpoint at step {step} in {directory}; it has steps {', '.join(map(str, found))}")
   return step
 
 
@@ -296,17 +292,15 @@ def compute_landscape(workdir: str, *, step: int | None = None, grid: int = 41,
   """The line and surface of one run at checkpoint `step` (default: its newest).
 
   Checks everything first (raising the errors of run_config, checkpoint_step and
-  check_settings, and lock.WorkdirError for a checkpoint that fails its checksums), then
+  check_settings, and checkpoints.DamagedCheckpointError for a checkpoint that fails its
+  checks), then
   builds the run's model and initial state from its config.
   """
   config = run_config(workdir)
   step = checkpoint_step(workdir, step)
   info = check_settings(config, grid=grid, span=span, examples=examples)
   start = time.time()
-  try:
-    _, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), step)
-  except ValueError as e:
-    raise lock.WorkdirError(str(e)) from None
+  _, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), step)
   final = {"params": state["params"], "batch_stats": state["batch_stats"]}
   mesh = parallel.make_mesh()
   # Only the model and the initial state are needed: no batch source.
@@ -328,114 +322,6 @@ def compute_landscape(workdir: str, *, step: int | None = None, grid: int = 41,
                    alphas=alphas, line_loss=line_loss, line_error=line_error, coords=coords,
                    surface_loss=surface_loss, surface_error=surface_error,
                    seconds=round(time.time() - start, 3))
-
-
-# --- Figures: bare matplotlib Figures with the Agg canvas (no pyplot), as in plots.py. ---
-
-def write_figures(landscape: Landscape, out_dir: str) -> list[str]:
-  """Writes line.png, contour.png and surface.png into `out_dir`; returns their paths."""
-  paths = [os.path.join(out_dir, name) for name in (LINE_FILE, CONTOUR_FILE, SURFACE_FILE)]
-  scale = _LossScale([landscape])
-  line, contour, surface = (Figure(figsize=size, layout="constrained")
-                            for size in ((6, 4.5), (6, 5), (6, 5)))
-  _draw_line(line.add_subplot(), landscape)
-  _draw_contour(contour.add_subplot(), landscape, scale=scale)
-  _draw_surface(surface.add_subplot(projection="3d"), landscape, scale=scale)
-  for fig, path in zip((line, contour, surface), paths):
-    fig.savefig(path, dpi=120)
-  return paths
-
-
-def plot_comparison(landscapes: Sequence[Landscape], path: str) -> None:
-  """One column per run: contour, 3-D surface and line, on one loss scale throughout."""
-  scale = _LossScale(landscapes)
-  n = len(landscapes)
-  fig = Figure(figsize=(5.5 * n, 14), layout="constrained")
-  contour_axes, line_axes = [], []
-  for col, landscape in enumerate(landscapes):
-    contour_axes.append(fig.add_subplot(3, n, col + 1))
-    filled = _draw_contour(contour_axes[-1], landscape, scale=scale, colorbar=False)
-    _draw_surface(fig.add_subplot(3, n, n + col + 1, projection="3d"), landscape, scale=scale)
-    line_axes.append(fig.add_subplot(3, n, 2 * n + col + 1))
-    _draw_line(line_axes[-1], landscape)
-  fig.colorbar(filled, ax=contour_axes, label="training loss", shrink=0.8,
-               ticks=scale.levels[::3], format="%.3g")
-  top = max(ax.get_ylim()[1] for ax in line_axes)
-  bottom = min(ax.get_ylim()[0] for ax in line_axes)
-  for ax in line_axes:
-    ax.set_ylim(bottom, top)
-  fig.savefig(path, dpi=120)
-
-
-class _LossScale:
-  """One logarithmic colour scale for the surface losses of some landscapes."""
-
-  def __init__(self, landscapes: Sequence[Landscape]):
-    values = np.concatenate([np.ravel(item.surface_loss) for item in landscapes])
-    values = values[np.isfinite(values) & (values > 0)]
-    self.low, self.high = (float(values.min()), float(values.max())) if values.size else (1, 10)
-    self.high = max(self.high, 1.01 * self.low)
-    self.levels = np.geomspace(self.low, self.high, 30)
-    self.norm = colors.LogNorm(self.low, self.high)
-    self.cmap = matplotlib.colormaps["viridis"]
-
-  def clip(self, loss: np.ndarray) -> np.ndarray:
-    """Losses inside the scale; NaN and Inf (a diverged network) at its top."""
-    return np.clip(np.nan_to_num(loss, nan=self.high, posinf=self.high), self.low, self.high)
-
-
-def _title(landscape: Landscape) -> str:
-  return f"{landscape.network}, step {landscape.step}"
-
-
-def _settings(landscape: Landscape) -> str:
-  return (f"{landscape.examples} training images, directions seed {landscape.seed}, "
-          f"span {landscape.span:g}")
-
-
-def _draw_line(ax, landscape: Landscape) -> None:
-  ax.plot(landscape.alphas, landscape.line_loss, color="C0", marker=".", label="loss")
-  ax.set_yscale("log")
-  for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-    axis(ticker.FormatStrFormatter("%.3g"))
-  ax.set_xlabel(f"a: (1 - a) * initial + a * step {landscape.step}")
-  ax.set_ylabel("training loss (log)", color="C0")
-  ax.grid(alpha=0.3, which="both")
-  errors = ax.twinx()
-  errors.plot(landscape.alphas, 100 * landscape.line_error, color="C1", linestyle="--",
-              label="error")
-  errors.set_ylim(0, 100)
-  errors.set_ylabel("training error (%)", color="C1")
-  ax.set_title(f"{_title(landscape)}: from initialisation\n{landscape.examples} training images",
-               fontsize="medium")
-
-
-def _draw_contour(ax, landscape: Landscape, *, scale: _LossScale, colorbar: bool = True):
-  filled = ax.contourf(landscape.coords, landscape.coords, scale.clip(landscape.surface_loss),
-                       levels=scale.levels, norm=scale.norm, cmap=scale.cmap)
-  ax.contour(landscape.coords, landscape.coords, scale.clip(landscape.surface_loss),
-             levels=scale.levels[::3], colors="white", linewidths=0.4, alpha=0.6)
-  ax.plot([0], [0], marker="*", color="red", markersize=10)  # The checkpoint.
-  ax.set_aspect("equal")
-  ax.set_xlabel("direction 1 (filter-normalised)")
-  ax.set_ylabel("direction 2")
-  ax.set_title(f"{_title(landscape)}\n{_settings(landscape)}", fontsize="medium")
-  if colorbar:
-    ax.figure.colorbar(filled, ax=ax, label="training loss", ticks=scale.levels[::3],
-                       format="%.3g")
-  return filled
-
-
-def _draw_surface(ax, landscape: Landscape, *, scale: _LossScale) -> None:
-  x, y = np.meshgrid(landscape.coords, landscape.coords)
-  z = np.log10(scale.clip(landscape.surface_loss))
-  ax.plot_surface(x, y, z, cmap=scale.cmap, linewidth=0, antialiased=True,
-                  norm=colors.Normalize(math.log10(scale.low), math.log10(scale.high)))
-  ax.set_zlim(math.log10(scale.low), math.log10(scale.high))
-  ax.set_xlabel("direction 1")
-  ax.set_ylabel("direction 2")
-  ax.set_zlabel("log10 training loss")
-  ax.set_title(_title(landscape), fontsize="medium")
 
 
 # --- Command line. ---
@@ -476,7 +362,7 @@ def main(argv: list[str]) -> int:
   out_dir = _OUT.value or os.path.join(runs[-1], LANDSCAPE_DIR)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, COMPARE_FILE)
-  plot_comparison(landscapes, path)
+  plots.plot_landscape_comparison(landscapes, path)
   print(f"wrote {path}")
   return cli.EXIT_OK
 
@@ -497,7 +383,7 @@ def _landscape_of(workdir: str, step: int) -> Landscape:
   out_dir = os.path.join(workdir, LANDSCAPE_DIR)
   os.makedirs(out_dir, exist_ok=True)
   landscape.save(os.path.join(out_dir, DATA_FILE))
-  paths = [os.path.join(out_dir, DATA_FILE), *write_figures(landscape, out_dir)]
+  paths = [os.path.join(out_dir, DATA_FILE), *plots.write_landscape_figures(landscape, out_dir)]
   for path in paths:
     print(f"wrote {path}")
   print(f"{landscape.network}: loss {landscape.line_loss[0]:.4g} initial, "

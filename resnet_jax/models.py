@@ -133,12 +133,9 @@ def im2col_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dil
   convolution becomes a grouped convolution, slow on CPU and, in its backward, on GPU
   (jax-ml/jax#13800); slices have no weights, and the product becomes a batched matrix product.
   Not lax.conv_general_dilated_patches: it gathers the windows with a grouped convolution of its
-  own (a one-hot kernel per channel). One 3x3 conv 16 -> 16 on [128, 32, 32, 16], forward and
-  backward, on the 2-core AMD EPYC CPU (load ~1): XLA's conv 331 ms, conv_general_dilated_patches
-  + dot 1660 ms, slices + dot 213 ms; vmapped over 4 such: 2622, 11188 and 933 ms. A ResNet-20
-  train step vmapped over 4 models ran at 2.8x XLA's rate (experiments/population_conv.py). The
-  costs: memory, as the patches are kh * kw times the input and the backward keeps them, and
-  compilation (a ResNet-20 train step took 2.5-4x as long to compile).
+  own (a one-hot kernel per channel). The README gives the measurements
+  (experiments/population_conv.py). The costs: memory, as the patches are kh * kw times the
+  input and the backward keeps them, and a longer compilation.
 
   Takes what the models pass: flax's NHWC/HWIO dimension numbers, no dilation, one group.
   """
@@ -190,11 +187,8 @@ class ShiftedBatchNorm(nn.BatchNorm):
   all-reduce of C floats per layer, before the sums': two in a row, as the two-pass form has
   (one pass has one).
 
-  Speed, on the 2-core AMD EPYC CPU (shared, load ~4): one BN's forward and backward on
-  [128, 32, 32, 16] took 8.4 ms two-pass, 5.6 ms one-pass and 7.2 ms shifted (medians of 15;
-  XLA's CPU reductions cannot fuse x - c, so it is written out once); a ResNet-20 train step at
-  batch 128 ran at 52, 53 and 50 img/s, within the repeats' spread (41-86). Not yet measured on
-  a GPU, where plain one pass gained 7-9% (README).
+  XLA's CPU reductions cannot fuse x - c, so it is written out once. The three forms' speeds are
+  in the README.
 
   Variables, their names, shapes and dtypes, momentum, epsilon and the output dtype are
   nn.BatchNorm's: the statistics and the normalisation are flax's own helpers

@@ -1,7 +1,7 @@
 """Figures and tables of finished runs: error curves as in He et al. 2016 Figure 6, final errors
 beside the paper's Table 6, gradient flow through the blocks, the lr x depth trainability map, and
 the instruments of curvature.py (sharpness beside the optimiser's stability threshold, the
-gradient noise scale).
+gradient noise scale), and loss landscapes (landscape.py).
 
 Each function takes `Run`s (what a sweep varied, the run's summary.json and its metrics.jsonl
 events; `results.load_runs` builds them) and writes one file. Figures are drawn on a bare
@@ -15,14 +15,19 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import matplotlib.colors
+import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from resnet_jax import diagnostics, reporting
+
+if TYPE_CHECKING:  # landscape.py draws with this module.
+  from resnet_jax.landscape import Landscape
 
 # He et al. 2016, Table 6: CIFAR-10 test error (%) of the residual nets (110: best of 5 runs).
 PAPER_CIFAR10_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
@@ -35,6 +40,9 @@ NOISE_SCALE_FILE = "noise_scale.png"
 # (about the last 1 / (1 - decay) = 10 of them) before dividing (smoothed_noise_scale).
 NOISE_SCALE_EMA = 0.9
 TRAINABILITY_MAP_FILE = "trainability_map.png"
+LANDSCAPE_LINE_FILE = "line.png"
+LANDSCAPE_CONTOUR_FILE = "contour.png"
+LANDSCAPE_SURFACE_FILE = "surface.png"
 MAP_FIELDS = ("lr", "depth", "skip")  # What a sweep varies for the trainability map.
 
 
@@ -397,3 +405,114 @@ def _final_error(run: Run | None, column: str) -> str:
   if run.summary.status != reporting.COMPLETED or not math.isfinite(value):
     return run.summary.status
   return f"{100 * value:.2f}"
+
+
+# --- Loss landscapes (landscape.py): the line from initialisation, the surface around a point. ---
+
+def write_landscape_figures(landscape: Landscape, out_dir: str) -> list[str]:
+  """Writes a landscape.Landscape's line.png, contour.png and surface.png into `out_dir`; returns
+  their paths."""
+  paths = [os.path.join(out_dir, name)
+           for name in (LANDSCAPE_LINE_FILE, LANDSCAPE_CONTOUR_FILE, LANDSCAPE_SURFACE_FILE)]
+  scale = _LossScale([landscape])
+  line, contour, surface = (Figure(figsize=size, layout="constrained")
+                            for size in ((6, 4.5), (6, 5), (6, 5)))
+  _draw_line(line.add_subplot(), landscape)
+  _draw_contour(contour.add_subplot(), landscape, scale=scale)
+  _draw_surface(surface.add_subplot(projection="3d"), landscape, scale=scale)
+  for fig, path in zip((line, contour, surface), paths):
+    fig.savefig(path, dpi=120)
+  return paths
+
+
+def plot_landscape_comparison(landscapes: Sequence[Landscape], path: str) -> None:
+  """Landscapes side by side, one column per run: contour, 3-D surface and line, on one loss
+  scale throughout."""
+  scale = _LossScale(landscapes)
+  n = len(landscapes)
+  fig = Figure(figsize=(5.5 * n, 14), layout="constrained")
+  contour_axes, line_axes = [], []
+  for col, landscape in enumerate(landscapes):
+    contour_axes.append(fig.add_subplot(3, n, col + 1))
+    filled = _draw_contour(contour_axes[-1], landscape, scale=scale, colorbar=False)
+    _draw_surface(fig.add_subplot(3, n, n + col + 1, projection="3d"), landscape, scale=scale)
+    line_axes.append(fig.add_subplot(3, n, 2 * n + col + 1))
+    _draw_line(line_axes[-1], landscape)
+  fig.colorbar(filled, ax=contour_axes, label="training loss", shrink=0.8,
+               ticks=scale.levels[::3], format="%.3g")
+  top = max(ax.get_ylim()[1] for ax in line_axes)
+  bottom = min(ax.get_ylim()[0] for ax in line_axes)
+  for ax in line_axes:
+    ax.set_ylim(bottom, top)
+  fig.savefig(path, dpi=120)
+
+
+class _LossScale:
+  """One logarithmic colour scale for the surface losses of some landscapes."""
+
+  def __init__(self, landscapes: Sequence[Landscape]):
+    values = np.concatenate([np.ravel(item.surface_loss) for item in landscapes])
+    values = values[np.isfinite(values) & (values > 0)]
+    self.low, self.high = (float(values.min()), float(values.max())) if values.size else (1, 10)
+    self.high = max(self.high, 1.01 * self.low)
+    self.levels = np.geomspace(self.low, self.high, 30)
+    self.norm = matplotlib.colors.LogNorm(self.low, self.high)
+    self.cmap = matplotlib.colormaps["viridis"]
+
+  def clip(self, loss: np.ndarray) -> np.ndarray:
+    """Losses inside the scale; NaN and Inf (a diverged network) at its top."""
+    return np.clip(np.nan_to_num(loss, nan=self.high, posinf=self.high), self.low, self.high)
+
+
+def _title(landscape: Landscape) -> str:
+  return f"{landscape.network}, step {landscape.step}"
+
+
+def _settings(landscape: Landscape) -> str:
+  return (f"{landscape.examples} training images, directions seed {landscape.seed}, "
+          f"span {landscape.span:g}")
+
+
+def _draw_line(ax, landscape: Landscape) -> None:
+  ax.plot(landscape.alphas, landscape.line_loss, color="C0", marker=".", label="loss")
+  ax.set_yscale("log")
+  for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+    axis(matplotlib.ticker.FormatStrFormatter("%.3g"))
+  ax.set_xlabel(f"a: (1 - a) * initial + a * step {landscape.step}")
+  ax.set_ylabel("training loss (log)", color="C0")
+  ax.grid(alpha=0.3, which="both")
+  errors = ax.twinx()
+  errors.plot(landscape.alphas, 100 * landscape.line_error, color="C1", linestyle="--",
+              label="error")
+  errors.set_ylim(0, 100)
+  errors.set_ylabel("training error (%)", color="C1")
+  ax.set_title(f"{_title(landscape)}: from initialisation\n{landscape.examples} training images",
+               fontsize="medium")
+
+
+def _draw_contour(ax, landscape: Landscape, *, scale: _LossScale, colorbar: bool = True):
+  filled = ax.contourf(landscape.coords, landscape.coords, scale.clip(landscape.surface_loss),
+                       levels=scale.levels, norm=scale.norm, cmap=scale.cmap)
+  ax.contour(landscape.coords, landscape.coords, scale.clip(landscape.surface_loss),
+             levels=scale.levels[::3], colors="white", linewidths=0.4, alpha=0.6)
+  ax.plot([0], [0], marker="*", color="red", markersize=10)  # The checkpoint.
+  ax.set_aspect("equal")
+  ax.set_xlabel("direction 1 (filter-normalised)")
+  ax.set_ylabel("direction 2")
+  ax.set_title(f"{_title(landscape)}\n{_settings(landscape)}", fontsize="medium")
+  if colorbar:
+    ax.figure.colorbar(filled, ax=ax, label="training loss", ticks=scale.levels[::3],
+                       format="%.3g")
+  return filled
+
+
+def _draw_surface(ax, landscape: Landscape, *, scale: _LossScale) -> None:
+  x, y = np.meshgrid(landscape.coords, landscape.coords)
+  z = np.log10(scale.clip(landscape.surface_loss))
+  ax.plot_surface(x, y, z, cmap=scale.cmap, linewidth=0, antialiased=True,
+                  norm=matplotlib.colors.Normalize(math.log10(scale.low), math.log10(scale.high)))
+  ax.set_zlim(math.log10(scale.low), math.log10(scale.high))
+  ax.set_xlabel("direction 1")
+  ax.set_ylabel("direction 2")
+  ax.set_zlabel("log10 training loss")
+  ax.set_title(_title(landscape), fontsize="medium")

@@ -1,27 +1,21 @@
 """A population: several runs that share one compiled program, trained together on one device.
 
 Points of a sweep that differ only in the step's inputs (learning rate, momentum, weight decay,
-seed: config.ROLES) run the same program. A population stacks their states on a leading axis
-and makes one jax.vmap'd step of all of them, so a device that one small run leaves mostly idle
-(a ResNet-20 step at batch 128 is bound by kernel launches) does P runs' arithmetic per launch,
-after one compilation.
+seed: config.ROLES) run the same program. A population stacks their states on a leading axis and
+makes one jax.vmap'd step of all of them, so a device that one small run leaves mostly idle does
+P runs' arithmetic per launch, after one compilation.
 
-Every member is still an ordinary run: it keeps its own workdir, with the config, metrics,
-checkpoints and summary a separate run writes, so reports, plots, skipping finished points and
-resuming (packed or not) work unchanged. Its arithmetic is its separate run's up to rounding:
-vmap turns a convolution over P kernels into a grouped convolution, summed in another order. A
-member whose loss becomes NaN or Inf is recorded as diverged at the log point that sees it, as a
-separate run is, and frozen (its state no longer changes) while the others go on. SIGTERM or
-SIGINT checkpoints every member still training and records it PREEMPTED.
+Every member is still an ordinary run, with the workdir and records a separate run writes, so
+reports, plots, skipping finished points and resuming work unchanged. Its arithmetic is its
+separate run's up to rounding: vmap turns a convolution over P kernels into a grouped one,
+summed in another order. A member whose loss becomes NaN or Inf is recorded as diverged at the
+log point that sees it and frozen while the others go on (the `active` mask).
 
 This module holds what is about populations alone: which runs may share one (`packing_errors`,
-`population_key`), stacking their states, and the vmapped programs with their `active` mask,
-which `trainer.build(..., population=P)` jits. The loop that trains a population is the one
-that trains a single run (train.py), and `train.train_population` runs it.
-
-Whether a population pays is the platform's business: on CPU, vmapped convolutions become
-grouped ones, which are slower than one network's (see runner.AUTO_PACK for what `--pack=auto`
-picks where, and the README for the figures).
+`population_key`), stacking their states, and the vmapped programs, which
+`trainer.build(..., population=P)` jits. The loop is train.py's, the one every run uses
+(`train.train_population`). Whether a population pays is the platform's business
+(runner.AUTO_PACK; the README has the figures).
 """
 
 from __future__ import annotations

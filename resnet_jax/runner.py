@@ -49,9 +49,7 @@ RunFn = Callable[[ml_collections.ConfigDict, str], reporting.Summary]
 PACK_MODES = ("off", "processes", "population")
 # What `auto` picks by platform (jax.default_backend()), from experiments/pack_bench.py. A mode
 # that did not pay on a platform is not picked there; unmeasured platforms (GPUs, so far) get
-# "off". The 2-core AMD CPU, 4-point lr sweep of configs/fashion_mnist.py cut to 30 steps, wall
-# time (experiments/results/pack_cpu.jsonl): each point its own process compiling anew (before
-# packing) 253 s, off 170 s, processes:2 262 s, population:4 631 s (vmapped convolutions).
+# "off". The measurements are in the README and experiments/results/pack_cpu.jsonl.
 AUTO_PACK = {"cpu": "off"}
 
 

@@ -1,35 +1,28 @@
 """The one place that builds a training step: `build(config, info, mesh) -> Trainer`.
 
 From a validated config, a dataset description and a device mesh, `build` makes the model, the
-optimizer, the batch source, the initial (or restored) state, and the compiled train and eval
+optimizer, the batch source, the initial (or restored) state, and the jitted train and eval
 steps. The run (train.py), the benchmark (experiments/bench.py) and the tests all use it; nothing
 else binds `steps.train_step` to a model.
 
-The compiled train step is `(state, totals, inputs) -> (state, totals, diagnostics)`: it takes its
-batch from the source (`source.train_batch(inputs, state)`, e.g. a gather from the split held on
-the devices), makes one SGD update and adds the batch's summed metrics to the running totals, so
-the host syncs only at log points. State and totals are donated; everything is replicated on
-the mesh but the batch, which is sharded on its `data` axis (see parallel.py). A second variant
-also returns the per-block diagnostics (diagnostics.py); the plain one never computes them.
+The train step is `(state, totals, inputs) -> (state, totals, diagnostics)`: it takes its batch
+from the source (`source.train_batch(inputs, state)`, e.g. a gather from the split held on the
+devices), makes one SGD update and adds the batch's summed metrics to the running totals, so the
+host syncs only at log points. State and totals are donated; everything is replicated on the
+mesh but the batch, which is sharded on its `data` axis (parallel.py). A second variant also
+returns the per-block diagnostics (diagnostics.py); the plain one never computes them. Built for
+a population (`population=P`, population.py), the step is vmapped over P runs' stacked states.
 
-Built for a population (`population=P`, population.py), the same step is vmapped over P runs'
-states stacked on a leading axis, and a call trains those whose `active` flag is set.
+On accelerators a call runs up to `steps_per_call` steps (AUTO_STEPS_PER_CALL on GPU and TPU):
+a loop in one program, the step count an input, so K steps in one call are bitwise K calls of
+one step, and the host stays out between steps of a launch-bound ResNet. On CPU a call is one
+step: XLA's CPU convolutions lose their fast path inside a loop (the README has the figures).
 
-On accelerators a call runs several steps (`config.steps_per_call`, automatically
-AUTO_STEPS_PER_CALL on GPU and TPU, 1 on CPU): a loop inside one compiled program over up to K
-steps, the step count an input, so one program serves every length and each step in it does
-the same arithmetic whatever the length (K steps in one call are bitwise K calls of one step).
-A ResNet-20 step at batch 128 is a few hundred small kernels, bound by launch latency; the loop
-leaves the host out between steps. On CPU it stays one step per call: XLA's CPU convolutions
-lose their fast path inside a loop (the README has the figures).
+The instruments (instruments.py) are programs of their own, jitted only when the config turns
+them on, so the train step is the same program with them on or off (`Trainer.measure`).
 
-The instruments (instruments.py) are programs of their own beside the train step, jitted only
-when the config turns them on, so the train step is the same program with them on or off:
-`Trainer.measure(name, state)` runs one.
-
-A Trainer is immutable. Its programs are jitted in `build` and compile on their first call
-(compilation.CompileClock times that); copies for other step inputs (`for_config`) and jax.jit's
-own cache share the compiled code.
+A Trainer is immutable: its programs are jitted in `build` and compile on their first call
+(compilation.CompileClock times that); `for_config` copies and jax.jit's cache share the code.
 """
 
 from __future__ import annotations

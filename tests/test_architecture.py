@@ -129,8 +129,9 @@ def test_an_instrument_added_to_the_table_records_at_its_steps_and_resumes(
   events = [e for e in reporting.read_metrics(workdir) if e["event"] == "param_norm"]
   # After 0 and 2 updates in the first part; after 3 in the second (4 is not a multiple of 3).
   assert [e["step"] for e in events] == [0, 2, 3]
+  float32_eps = float(np.finfo(np.float32).eps)
   for event in events:
-    assert event["lr_seen"] == event["lr"] == pytest.approx(0.1, rel=float(np.finfo(np.float32).eps))
+    assert event["lr_seen"] == event["lr"] == pytest.approx(0.1, rel=float32_eps)
   # The measurement is of the network after `step` updates: against the norm of the step-2
   # checkpoint in float64, off by far less than the norm moves in the two steps after it.
   norms = {}

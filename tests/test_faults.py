@@ -590,7 +590,7 @@ def test_a_damaged_config_json_is_refused_by_the_landscape_naming_it(tmp_path):
     with pytest.raises(reporting.RecordError) as refused:
       landscape.run_config(str(tmp_path))
     assert str(refused.value).startswith(f"{path} is damaged: {problem}")
-  assert issubclass(reporting.RecordError, cli.REFUSALS)  # One line `error: ...`, exit 2.
+  assert issubclass(reporting.RecordError, cli.refusal_types())  # One line `error: ...`, exit 2.
 
 
 def test_choosing_a_runs_compilation_cache_creates_nothing_in_its_workdir(tmp_path):
@@ -669,7 +669,7 @@ def test_every_file_damaged_three_ways_is_recovered_with_a_warning_or_refused_in
       try:
         summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir,
                                            trainers=walk_runs["trainers"])
-      except cli.REFUSALS as e:
+      except cli.refusal_types() as e:
         err = capsys.readouterr().err.splitlines()
         step_dir = os.path.join(workdir, *name.split(os.sep)[:2])
         if not (name in str(e) or step_dir in str(e)) or len(err) > 1:
