@@ -139,9 +139,11 @@ OPTIONS: dict[str, Option] = {
     "skip": Option(True),  # False = the plain twin: no shortcut additions, no projections.
     "shortcut": Option("A", SHORTCUTS),  # CIFAR family: "A" (zero-pad) or "B" (1x1 projection).
     "variant": Option("v1.5", VARIANTS),  # ImageNet family: "v1", "v1.5" or "v2".
+    # Zero the last BN scale of every residual branch.
     "zero_init_residual": Option(False, check=_zero_init_error),
+    # Decay of BN's running averages (Flax's convention: torchvision's 0.1 is 0.9 here).
     "bn_momentum": Option(0.9, check=_momentum_error),
-    "bn_epsilon": Option(1e-5, check=_epsilon_error),
+    "bn_epsilon": Option(1e-5, check=_epsilon_error),  # Added to BN's variances.
     # BN batch variance: "two_pass", "one_pass" (faster, cancels where a channel's mean dwarfs
     # its spread) or "shifted" (one pass, exact); see models.batch_norm.
     "bn_variance": Option("two_pass", BN_VARIANCES),

@@ -1,16 +1,12 @@
 """Instruments: measurements of the network during training, each made by programs of its own
 beside the train step, so that the step is the same program with every instrument on or off.
 
-An `Instrument` says everything the rest of the code needs: the config field that turns it on
-and sets its interval (`every`: measured after 0, k, 2k, ... updates and at the last step; its
-`config.ROLES` entry makes it resumable, an interval the loop's calls end at, and work only a
-run trained alone records), the metrics.jsonl event it writes, the programs `trainer.build` jits
-for it when it is on, and how it measures one state into that event's fields. `INSTRUMENTS`
-lists them; the trainer and the loop (train.py) read nothing else.
-
-Each measures the network of a state on un-augmented training examples (`source.measure_batch`)
-drawn from a key stream of its own, so a measurement is a pure function of (seed, step, state)
-and a resumed run records what an uninterrupted one does. The mathematics is curvature.py's.
+An `Instrument` names its config field (k > 0: measured after 0, k, 2k, ... updates; its
+`config.ROLES` entry says resumable, an interval, and alone), its metrics.jsonl event, the
+programs `trainer.build` jits for it when it is on, and how it measures one state. `INSTRUMENTS`
+lists them; the trainer and the loop (train.py) read nothing else. Each draws un-augmented
+training examples (`source.measure_batch`) from a key stream of its own, so a measurement is a
+pure function of (seed, step, state): a resumed run records what an uninterrupted one does.
 """
 
 from __future__ import annotations

@@ -33,16 +33,12 @@ so the line is one compilation and the surface another, whatever the grid.
 **Cost.** One forward pass over the images per grid point: grid + grid^2 passes, besides
 compiling the run's initialisation and the two evaluation programs (the README has figures).
 
-Command line (cli.py's conventions: bad input is one line `error: ...` and exit code 2):
+Command line (cli.py's conventions; the README's "Why residual nets train" is the guide):
   python -m resnet_jax.landscape --workdir=RUN [--step=N] [--grid=41] [--span=1.0]
-      [--examples=1000] [--seed=0]
-    writes RUN/landscape/: landscape.npz (`Landscape`: every array and setting), line.png,
-    contour.png and surface.png.
+      [--examples=1000] [--seed=0]        -> RUN/landscape/: landscape.npz and the figures
   python -m resnet_jax.landscape --compare=RUN_A,RUN_B[,...] [--out=DIR]
-    draws the runs side by side, on one loss scale, into DIR/compare.png (default: the last
-    run's landscape/). A run without landscape/landscape.npz gets its landscape computed first,
-    with the flags above; an existing one is used as it is. The runs are a comma-separated
-    list: cli.run takes no positional arguments.
+                                          -> DIR/compare.png, one loss scale; a run without
+                                             landscape.npz gets its landscape computed first
 """
 
 from __future__ import annotations

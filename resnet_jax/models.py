@@ -357,18 +357,9 @@ class ResNet(nn.Module):
     stem: a partially applied `Stem`.
     preact: pre-activation (v2) blocks, a stem without BN and a final BN + ReLU.
     num_classes: outputs of the dense head.
-    skip: False builds the plain twin.
-    shortcut: "A" or "B", where a block changes shape.
-    zero_init_residual: zero the last BN scale of every residual branch.
-    bn_momentum: decay of BatchNorm's running averages (Flax's convention: torchvision's 0.1 is
-      0.9 here).
-    bn_epsilon: added to BatchNorm variances.
-    bn_variance: how BatchNorm takes a batch's variance: "two_pass", "one_pass" or "shifted"
-      (see batch_norm).
-    conv: how convolutions are computed: "xla" (lax.conv_general_dilated) or "im2col" (see
-      im2col_conv).
-    dtype: computation dtype (a jnp dtype); parameters are float32.
-    width: multiplier on the stem's and every stage's filters.
+    skip, shortcut, zero_init_residual, bn_momentum, bn_epsilon, bn_variance, conv, dtype (a jnp
+      dtype), width: the model options, each with its meaning and default in
+      architectures.OPTIONS.
   """
   stage_sizes: Sequence[int]
   stage_filters: Sequence[int]

@@ -1,19 +1,12 @@
 """Running a sweep's points: one after another, in worker processes at once, or as populations.
 
-How points share the machine is the sweep's `pack` (PACK_MODES):
-  off            one point at a time in this process; points that differ only in the step's
-                 inputs (learning rate, momentum, weight decay, seed) reuse one compiled program;
-  processes:N    N worker processes at once (on one GPU each gets 1/N of its memory);
-  population:N   up to N such points stacked and trained by one vmapped program in this process
-                 (population.py); points that cannot be packed run one at a time;
-  auto           AUTO_PACK's choice for the platform, from measurements.
-Every mode shares one persistent compilation cache in the sweep's workdir (compilation.py).
-
-Each point is an ordinary run in its sub-workdir; a point that diverges or raises is recorded in
-its summary.json and the sweep goes on. SIGTERM or SIGINT stops the sweep the way it stops a run:
-the points in flight checkpoint and record PREEMPTED (worker processes are sent SIGTERM), no new
-point starts, and running the sweep again resumes them. A worker whose parent dies gets SIGTERM
-from the kernel (Linux's PR_SET_PDEATHSIG), so no worker outlives its sweep.
+How points share the machine is the sweep's `pack` (PACK_MODES: off, processes:N, population:N,
+auto, which AUTO_PACK resolves per platform; sweep.py and the README say what each does). Every
+mode shares one persistent compilation cache in the sweep's workdir (compilation.py). Each point
+is an ordinary run in its sub-workdir; a point that diverges or raises is recorded in its
+summary.json and the sweep goes on. SIGTERM or SIGINT stops the sweep as it stops a run (the
+points in flight checkpoint and record PREEMPTED; worker processes are sent SIGTERM, and get it
+from the kernel if their parent dies: Linux's PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations

@@ -1,49 +1,31 @@
 """Command line for sweeps: many ordinary runs that differ in a few config fields.
 
 A sweep is a config file in configs/sweeps/ naming a base run config, fields fixed for every
-point, and the points, built with `points.axis`, `product`, `zipped` and `chain`: the language
-and what a point's field may be are in resnet_jax/points.py. Each point runs as an ordinary run
-in `workdir/<name>`, named after its fields in order: `depth=56,skip=false,lr=0.1`.
+point, and the points, built with `points.axis`, `product`, `zipped` and `chain` (the language
+is in resnet_jax/points.py). Each point runs as an ordinary run in `workdir/<name>`, named after
+its fields in order: `depth=56,skip=false,lr=0.1`. The README's "Sweeps" section is the guide.
 
-Commands (`--config` may be left out once the workdir holds the sweep, in sweep.json):
   python -m resnet_jax.sweep --config=configs/sweeps/<name>.py --workdir=runs/<name>
-      Runs every unfinished point, resuming interrupted ones from their checkpoints; a point is
-      finished once it completed its steps or diverged. A point that diverges or raises
-      is recorded with its status and message and the sweep goes on. Ends by writing
-      results.csv and printing the same table.
-      --pack says how points share the machine (resnet_jax/runner.py):
-        off (default)  one point at a time in this process; points that differ only in the
-                       step's inputs (lr, momentum, weight decay, seed) compile once;
-        processes:N    N points at once, each in its own process (its output in the point's
-                       sweep_worker.log);
-        population:N   up to N points that differ only in the step's inputs trained as one
-                       vmapped program (resnet_jax/population.py), each with its own records;
-        auto           the platform's measured best (runner.AUTO_PACK).
-      Every mode shares the compilation cache in the sweep's workdir (xla_cache).
-      --devices=0,1,2,3 gives the k-th concurrent process GPU k % 4 through
-      CUDA_VISIBLE_DEVICES (the README says what processes:N gains where). Processes sharing a
-      GPU each take
-      0.9/N of its memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (--devices=0,0,0
-      shares one GPU three ways).
-      SIGTERM or Ctrl-C stops the points in flight (workers are sent SIGTERM) with their last
-      step checkpointed and status "preempted", starts no new point, writes the table and exits
-      with 75; the same command resumes. A worker whose parent dies gets SIGTERM from the kernel
-      (Linux), so a sweep killed with -9 leaves no worker training. A whole sweep locks its
-      workdir (resnet_jax/lock.py): a second one there is refused.
+      [--pack=off|processes:N|population:N|auto] [--devices=0,1,...]
+    Runs every unfinished point (finished: completed or diverged), resuming interrupted ones,
+    then writes results.csv and prints the table. --pack says how points share the machine
+    (resnet_jax/runner.py); every mode shares the compilation cache in the sweep's workdir.
+    --devices gives the k-th worker process GPU k % len(devices) (CUDA_VISIBLE_DEVICES).
+    SIGTERM or Ctrl-C stops the points in flight, each checkpointed and "preempted", starts no
+    new one, writes the table and exits 75; the same command resumes. A worker whose parent
+    dies gets SIGTERM from the kernel (Linux). A whole sweep locks its workdir (lock.py).
   ... --list             Prints "index name", one line per point; runs nothing.
   ... --point_index=i    Runs point i only (a worker process; exit code 75 if it was preempted).
   ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table.
   ... --plot             As --report, and writes the figures (resnet_jax/plots.py).
-  ... --launch=slurm [--slurm_time=4:00:00 --slurm_gpus_per_task=1 ...] [--wait]
-                         Submits the unfinished points to SLURM as one job array, one point a
-                         task (resnet_jax/launch.py; README, "Running on a cluster"). Launching
-                         again while that array is queued or running submits nothing; --wait
-                         follows it (done / running / pending / preempted / failed) and ends
-                         with results.csv and the table, as above.
-From Python, `runner.run_sweep(sweep_config, workdir)` does what the first command does and
-returns the results table, one dict per point (resnet_jax/results.py);
-`launch.submit_sweep(sweep_config, workdir, launch.SlurmOptions(...))` and `launch.wait_sweep`
-what --launch=slurm --wait does.
+  ... --launch=slurm [--slurm_time=4:00:00 ...] [--wait]
+                         Submits the unfinished points to SLURM as one job array (launch.py;
+                         README, "Running on a cluster"); launching again while it is queued
+                         or running submits nothing; --wait follows it and ends with the table.
+`--config` may be left out once the workdir holds the sweep (sweep.json). From Python,
+`runner.run_sweep(sweep_config, workdir)` does what the first command does and returns the
+results table (results.py); `launch.submit_sweep` and `launch.wait_sweep` what --launch=slurm
+--wait does.
 """
 
 from __future__ import annotations
