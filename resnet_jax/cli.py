@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -96,10 +98,13 @@ def load_config(holder: flags.FlagHolder):
   try:
     config = holder.value
     config.keys()  # A file that failed to load gives a stand-in that raises on any attribute.
-    return config
   except Exception as e:  # pylint: disable=broad-except  # A config file can raise anything.
     fail(_config_file_error(holder.name, e))
-  return None  # Not reached.
+  if not isinstance(config, ml_collections.ConfigDict):  # The code reads fields as attributes.
+    fail(f"--{holder.name}={config_flags.get_config_filename(flags.FLAGS[holder.name])}: its "
+         f"get_config() must return an ml_collections.ConfigDict; it returned a "
+         f"{type(config).__name__}")
+  return config
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -178,7 +183,23 @@ def _config_file_error(name: str, error: BaseException) -> str:
     return f"config file {path} has no get_config() function"
   if isinstance(root, config_lib.ConfigError):
     return f"config file {path}: {root}"
+  returned = _get_config_type(path, _flag_argument(name).partition(":")[2] or None)
+  if isinstance(root, (KeyError, AttributeError)) and returned not in (None, "ConfigDict"):
+    # An override met a dict: the file's result, not the override, is what is wrong.
+    return (f"--{name}={path}: its get_config() must return an ml_collections.ConfigDict; it "
+            f"returned a {returned}")
   return f"config file {path}: {type(root).__name__}: {root}"
+
+
+def _get_config_type(path: str, arg: str | None) -> str | None:
+  """The type name of what the config file's get_config returns (None if that fails too)."""
+  try:
+    spec = importlib.util.spec_from_file_location("_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return type(module.get_config(arg) if arg is not None else module.get_config()).__name__
+  except Exception:  # pylint: disable=broad-except  # The first error is the one reported.
+    return None
 
 
 def _flag_argument(name: str) -> str:

@@ -328,8 +328,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
       the epochs fields give and the epoch boundaries against it. Until it is known, the checks
       of a steps field that an epochs field replaces are left out.
   """
-  errors: list[str] = []
+  errors = type_errors(config)
+  if errors:  # The checks below compare values with numbers and names: they need the types.
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   _one_of(errors, "config.dataset.name", config.dataset.name, DATASETS)
+  if not -2**31 <= config.seed < 2**31:  # TrainState.seed is int32.
+    errors.append(f"config.seed must be a 32-bit integer, in [-2**31, 2**31 - 1]; "
+                  f"got {config.seed}")
   errors += architectures.model_errors(config.model, prefix="config.model.")
 
   opt = config.optimizer
@@ -375,6 +380,26 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   errors += _step_errors(config, train_size)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def type_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Every field whose value is not of its default's kind: a bool, an integer, a number, a
+  string, or a sequence of numbers (optimizer.boundaries). Fields default_config() lacks are
+  left to their readers."""
+  kinds = {bool: ("true or false", lambda v: isinstance(v, bool)),
+           int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+           float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+           str: ("a string", lambda v: isinstance(v, str)),
+           tuple: ("a list of numbers", lambda v: isinstance(v, (tuple, list)) and all(
+               isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))}
+  defaults = flatten(default_config())
+  errors = []
+  for path, value in flatten(config).items():
+    if path in defaults:
+      kind, ok = kinds[type(defaults[path])]
+      if not ok(value):
+        errors.append(f"config.{path} must be {kind}; got {value!r}")
+  return errors
 
 
 def _count(errors: list[str], field: str, value, minimum: int) -> bool:

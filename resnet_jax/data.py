@@ -76,10 +76,14 @@ def _prepared_builder(dataset_cfg: ml_collections.ConfigDict) -> tfds.core.Datas
 
 def _split_info(builder: tfds.core.DatasetBuilder, field: str, split: str):
   try:
-    return builder.info.splits[split]
+    info = builder.info.splits[split]
   except (KeyError, ValueError) as e:  # TFDS raises either, by the kind of mistake.
     raise config_lib.ConfigError(f"config.dataset.{field} {split!r} does not name a split of "
                      f"{builder.name}: {e}") from e
+  if not info.num_examples:  # A slice such as test[:0]: nothing to train or evaluate on.
+    raise config_lib.ConfigError(f"config.dataset.{field} {split!r} of {builder.name} has no "
+                                 f"examples; give a split or slice with at least one")
+  return info
 
 
 def check_prepared(dataset_cfg: ml_collections.ConfigDict) -> None:

@@ -31,6 +31,7 @@ from resnet_jax import reporting
 
 SWEEP_FILE = "sweep.json"  # The sweep config, saved in its workdir by every run of the sweep.
 SWEEP_FIELDS = ("base", "fixed", "points")
+MAX_NAME_BYTES = 255  # NAME_MAX on Linux and macOS filesystems.
 ALIASES = {"lr": "optimizer.lr", "wd": "optimizer.weight_decay", "momentum": "optimizer.momentum"}
 
 Points = list[dict[str, Any]]
@@ -101,6 +102,10 @@ def point_name(fields: dict[str, Any]) -> str:
   name = ",".join(f"{key}={format_value(value)}" for key, value in fields.items())
   if "/" in name or name.count(",") != len(fields) - 1:
     raise ValueError(f"point fields must not contain '/' or ','; got {name!r}")
+  if len(os.fsencode(name)) > MAX_NAME_BYTES:  # The point's workdir is named after it.
+    raise ValueError(f"a point's name is its directory's, at most {MAX_NAME_BYTES} bytes; "
+                     f"{name[:40]!r}... has {len(os.fsencode(name))}: sweep fewer or shorter "
+                     "fields in one point, or put the long ones in `fixed`")
   return name
 
 

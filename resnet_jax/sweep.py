@@ -70,7 +70,8 @@ if __name__ == "__main__":
   _POINT_INDEX = flags.DEFINE_integer("point_index", None, "Run only this point.")
   # The earlier spelling of --pack=processes:N, kept to say so.
   _PARALLEL = flags.DEFINE_integer("parallel", None, "Replaced by --pack=processes:N.")
-  _DEVICES = flags.DEFINE_list("devices", [], "GPU ids handed to the parallel processes in turn.")
+  _DEVICES = flags.DEFINE_list("devices", [], "GPU ids handed to the worker processes of "
+                               "--pack=processes:N in turn.")
   _REPORT = flags.DEFINE_bool("report", False, "Rewrite results.csv and print it; run nothing.")
   _PLOT = flags.DEFINE_bool("plot", False, "As --report, and write the figures.")
   _PACK = flags.DEFINE_string(

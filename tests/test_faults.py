@@ -798,6 +798,7 @@ def config_files(tmp_path_factory):
   (root / "syntax.py").write_text("def get_config(:\n")
   (root / "empty.py").write_text("x = 1\n")
   (root / "afile").write_text("")
+  (root / "dict.py").write_text("def get_config(arg=None):\n  return {'seed': 0}\n")
   return root
 
 
@@ -823,6 +824,14 @@ BAD_INPUT = [
     (["--workdir={files}/afile"], "workdir {files}/afile is a file, not a directory"),
     (["--bogus"], "Unknown command line flag 'bogus'"),
     (["stray"], "unexpected arguments: stray"),
+    # Input of the right syntax that the checks once let through to a traceback.
+    (["--config={files}/dict.py"], "--config={files}/dict.py: its get_config() must return an "
+     "ml_collections.ConfigDict; it returned a dict"),
+    (["--config.seed=3000000000"], "config.seed must be a 32-bit integer, in [-2**31, 2**31 - 1]"),
+    (["--config.optimizer.boundaries=abc"],
+     "config.optimizer.boundaries must be a list of numbers; got ('abc',)"),
+    (["--config.dataset.eval_split=test[:0]"],
+     "config.dataset.eval_split 'test[:0]' of fashion_mnist has no examples"),
 ]
 QUICK_BAD_INPUT = (0, 4, 7, 11)
 

@@ -75,6 +75,16 @@ def test_invalid_value_raises_before_any_run(tmp_path):
   assert fake.calls == []
 
 
+def test_a_point_whose_directory_name_would_be_too_long_is_refused_before_any_run(tmp_path):
+  fake = FakeRun()
+  long_path = "x" * 250  # dataset.data_dir=<250 bytes> names a 267-byte directory.
+  with pytest.raises(ValueError, match=r"(?s)point 1 .*at most 255 bytes; 'dataset.data_dir=xx"
+                     r".*has 267"):
+    runner.run_sweep(make_sweep([{"depth": 20}, {"dataset.data_dir": long_path}]),
+                     str(tmp_path), run_fn=fake)
+  assert fake.calls == [] and os.listdir(tmp_path) == []
+
+
 def test_every_point_runs_in_a_workdir_named_after_its_fields(tmp_path):
   fake = FakeRun()
   config = make_sweep(points.product(points.axis("depth", [20, 56]), points.axis("skip", [False])))
@@ -511,4 +521,15 @@ def test_the_earlier_parallel_flag_is_refused_naming_its_replacement(tmp_path):
   out = run_cli(f"--workdir={tmp_path / 'runs'}", "--parallel=3")
   assert out.returncode == 2
   assert out.stderr == "error: --parallel is now --pack: give --pack=processes:3\n"
+  assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_file_returning_a_dict_is_refused_in_one_line(tmp_path):
+  sweep_file = tmp_path / "dict_sweep.py"
+  sweep_file.write_text("def get_config():\n  return {'base': 'configs/fashion_mnist.py', "
+                        "'points': [{'lr': 0.1}]}\n")
+  out = run_cli(f"--config={sweep_file}", f"--workdir={tmp_path / 'runs'}", "--list")
+  assert out.returncode == 2
+  assert out.stderr == (f"error: --config={sweep_file}: its get_config() must return an "
+                        "ml_collections.ConfigDict; it returned a dict\n")
   assert not (tmp_path / "runs").exists()
