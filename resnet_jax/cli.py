@@ -42,7 +42,7 @@ REFUSALS = {
     "resnet_jax.config": ("ConfigError",),  # A config validate() rejects.
     "resnet_jax.lock": ("WorkdirError",),  # A workdir in use, a file, or not writable.
     "resnet_jax.reporting": ("RecordError",),  # A damaged record nothing can rebuild.
-    "resnet_jax.data": ("DatasetNotPreparedError",),
+    "resnet_jax.data": ("DatasetNotPreparedError", "DatasetDamagedError"),
     "resnet_jax.checkpoints": ("CheckpointMismatchError", "NoUsableCheckpointError",
                                "MissingCheckpointError", "DamagedCheckpointError"),
     "resnet_jax.landscape": ("NotARunError",),
@@ -123,6 +123,7 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a flag "
          "(--config.<field>=value)")
+  _check_text_flags()
   try:
     return main(argv)
   except KeyboardInterrupt:
@@ -144,6 +145,20 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
     fail(f"disk full: {reporting.brief(e)}; free some space and run the same command to resume",
          EXIT_FAILED)
   return EXIT_FAILED  # Not reached.
+
+
+def _check_text_flags() -> None:
+  """Bytes that are not UTF-8 (a path written in another encoding) reach Python as surrogates,
+  which JAX, Orbax and JSON cannot take: refused here, naming the flag."""
+  for name in flags.FLAGS:
+    value = flags.FLAGS[name].value
+    for text in value if isinstance(value, list) else [value]:
+      if isinstance(text, str):
+        try:
+          text.encode("utf-8")
+        except UnicodeEncodeError:
+          raw = text.encode("utf-8", "surrogateescape")
+          fail(f"--{name} must be UTF-8 text; got {raw!r}")
 
 
 def _is_disk_full(error: BaseException) -> bool:

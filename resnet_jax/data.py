@@ -12,6 +12,7 @@ says so when they are not. Device placement is the train loop's business, not th
 from __future__ import annotations
 
 import dataclasses
+import os
 import urllib.parse
 from pathlib import Path
 
@@ -64,9 +65,27 @@ def _data_dir(dataset_cfg: ml_collections.ConfigDict) -> str | None:
   return dataset_cfg.data_dir or None  # "" means TFDS's default.
 
 
+class DatasetDamagedError(Exception):
+  """A prepared dataset's files cannot be read; the message names them and how to prepare the
+  dataset again."""
+
+
+def _damaged(dataset_cfg: ml_collections.ConfigDict, error: Exception) -> DatasetDamagedError:
+  root = _data_dir(dataset_cfg) or os.environ.get("TFDS_DATA_DIR",
+                                                   os.path.expanduser("~/tensorflow_datasets"))
+  directory = os.path.join(root, dataset_cfg.name)
+  return DatasetDamagedError(
+      f"the prepared dataset in {directory} is damaged ({reporting.brief(error)}); prepare it "
+      f"again: rm -r {directory} && {prepare.command(dataset_cfg.name, _data_dir(dataset_cfg))}")
+
+
 def _prepared_builder(dataset_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The stock TFDS builder of the prepared dataset; raises DatasetNotPreparedError if absent."""
-  builder = tfds.builder(dataset_cfg.name, data_dir=_data_dir(dataset_cfg))
+  """The stock TFDS builder of the prepared dataset; raises DatasetNotPreparedError if absent,
+  DatasetDamagedError if its metadata cannot be read."""
+  try:
+    builder = tfds.builder(dataset_cfg.name, data_dir=_data_dir(dataset_cfg))
+  except Exception as e:  # pylint: disable=broad-except  # TFDS raises many types.
+    raise _damaged(dataset_cfg, e) from e
   if not builder.is_prepared():
     raise DatasetNotPreparedError(
         f"dataset {dataset_cfg.name} {builder.version} is not prepared in {builder.data_dir}; "
@@ -132,9 +151,20 @@ def load_split(dataset_cfg: ml_collections.ConfigDict, split: str
            / f"{urllib.parse.quote(split, safe='')}.npz")
   dataset_time = (Path(builder.data_dir) / "dataset_info.json").stat().st_mtime
   if cache.exists() and cache.stat().st_mtime >= dataset_time:
-    with np.load(cache) as arrays:
-      return arrays["images"], arrays["labels"]
-  images, labels = _decode_split(dataset_cfg, split)
+    try:
+      with np.load(cache) as arrays:
+        images, labels = arrays["images"], arrays["labels"]
+      if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f"arrays of shapes {images.shape} and {labels.shape}")
+      return images, labels
+    except Exception as e:  # pylint: disable=broad-except  # np.load raises many types.
+      # Ours, and derived from the dataset: damaged, it is decoded again, not fatal.
+      reporting.warn(f"{cache} is damaged ({reporting.brief(e)}); decoding {builder.name} "
+                     f"{split} again")
+  try:
+    images, labels = _decode_split(dataset_cfg, split)
+  except Exception as e:  # pylint: disable=broad-except  # ArrayRecord and TFDS raise many.
+    raise _damaged(dataset_cfg, e) from e
   try:
     cache.parent.mkdir(parents=True, exist_ok=True)
     with reporting.open_atomic(str(cache), "wb") as f:

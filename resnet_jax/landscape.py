@@ -62,6 +62,9 @@ from resnet_jax import trainer as trainer_lib
 LANDSCAPE_DIR = "landscape"  # Inside the run's workdir.
 DATA_FILE = "landscape.npz"
 COMPARE_FILE = "compare.png"
+# Li et al. drew 51 x 51 surfaces; 201 x 201 is 40,401 forward passes over the images.
+MAX_GRID = 201
+PROGRESS_POINTS = 1000  # An evaluation of this many networks or more reports every tenth.
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}, as model.apply takes them.
 
@@ -196,9 +199,12 @@ def make_evaluator(eval_step, images: np.ndarray, labels: np.ndarray, *,
     totals = jax.device_put(
         jax.tree.map(lambda s: np.zeros(len(coefficients), s.dtype), shapes),
         parallel.replicated(mesh))
+    tenth = max(len(coefficients) // 10, 1)
     for p, row in enumerate(coefficients):
       for batch in batches:
         totals = jax.block_until_ready(accumulate(points, row, batch, totals, np.int32(p)))
+      if len(coefficients) >= PROGRESS_POINTS and (p + 1) % tenth == 0:
+        print(f"[landscape] {p + 1:,} of {len(coefficients):,} networks evaluated", flush=True)
     totals = parallel.to_host(totals)
     return totals["loss"] / totals["count"], totals["errors"] / totals["count"]
   return evaluate
@@ -271,8 +277,9 @@ def check_settings(config: ml_collections.ConfigDict, *, grid: int, span: float,
                                  f"{config.dataset.name} is streamed")
   info = data.dataset_info(config.dataset)
   errors = []
-  if grid < 2:
-    errors.append(f"--grid must be at least 2 (points per axis); got {grid}")
+  if not 2 <= grid <= MAX_GRID:
+    errors.append(f"--grid must be in [2, {MAX_GRID}] (points per axis; the surface has "
+                  f"grid² of them); got {grid}")
   if not (math.isfinite(span) and span > 0):
     errors.append(f"--span must be finite and > 0; got {span}")
   if not 1 <= examples <= info.num_train:

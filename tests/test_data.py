@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from resnet_jax import config as config_lib
-from resnet_jax import data, prepare
+from resnet_jax import cli, data, prepare
 
 # --- batch_indices ---
 
@@ -194,3 +195,50 @@ def test_load_split_caches_the_decoded_arrays_beside_the_dataset(prepared_data_d
   assert len(second[0]) == 500
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "object arrays"])
+def test_a_damaged_array_cache_is_decoded_again_with_one_warning(prepared_data_dir, capsys,
+                                                                 damage):
+  cfg = dataset_config(prepared_data_dir)
+  split = "test[:1%]"
+  intact = data.load_split(cfg, split)
+  cache = (Path(prepared_data_dir) / "resnet_jax_arrays" / "fashion_mnist" / "3.0.1"
+           / "test%5B%3A1%25%5D.npz")
+  good = cache.read_bytes()
+  if damage == "object arrays":  # Loading them would need pickle, which np.load refuses.
+    np.savez(cache, images=np.array([None], object), labels=np.zeros(1, np.int32))
+  else:
+    cache.write_bytes({"garbage": b"not a zip file at all", "empty": b"",
+                       "truncated": good[:len(good) // 2]}[damage])
+  capsys.readouterr()
+  again = data.load_split(cfg, split)
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"warning: {cache} is damaged (") and line.endswith(
+      f"decoding fashion_mnist {split} again")
+  for a, b in zip(intact, again):
+    np.testing.assert_array_equal(a, b)
+  with np.load(cache) as rewritten:  # Written again, with the same arrays.
+    np.testing.assert_array_equal(rewritten["images"], intact[0])
+    np.testing.assert_array_equal(rewritten["labels"], intact[1])
+
+
+@pytest.mark.parametrize("damage", ["dataset_info.json garbage", "test records truncated"])
+def test_a_damaged_prepared_dataset_is_one_error_naming_it_and_how_to_prepare_it_again(
+    prepared_data_dir, tmp_path, damage):
+  shutil.copytree(Path(prepared_data_dir) / "fashion_mnist", tmp_path / "fashion_mnist")
+  version_dir = tmp_path / "fashion_mnist" / "3.0.1"
+  if damage.startswith("dataset_info"):
+    (version_dir / "dataset_info.json").write_text("garbage{")
+  else:
+    records = version_dir / "fashion_mnist-test.array_record-00000-of-00001"
+    records.write_bytes(records.read_bytes()[:records.stat().st_size // 2])
+  with pytest.raises(data.DatasetDamagedError) as damaged:
+    data.load_split(dataset_config(tmp_path), "test")
+  directory = tmp_path / "fashion_mnist"
+  assert str(damaged.value).startswith(f"the prepared dataset in {directory} is damaged (")
+  assert str(damaged.value).endswith(
+      f"prepare it again: rm -r {directory} && python -m resnet_jax.prepare fashion_mnist "
+      f"--data_dir={tmp_path}")
+  assert "\n" not in str(damaged.value)
+  assert data.DatasetDamagedError in cli.refusal_types()  # One line `error: ...`, exit 2.

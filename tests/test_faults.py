@@ -832,6 +832,7 @@ BAD_INPUT = [
      "config.optimizer.boundaries must be a list of numbers; got ('abc',)"),
     (["--config.dataset.eval_split=test[:0]"],
      "config.dataset.eval_split 'test[:0]' of fashion_mnist has no examples"),
+    (["--workdir={files}/run\udcff"], "--workdir must be UTF-8 text; got b'"),
 ]
 QUICK_BAD_INPUT = (0, 4, 7, 11)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -156,11 +157,34 @@ def test_command_line_writes_the_landscape_and_compare_draws_two_runs(run_dir, t
 def test_bad_settings_are_one_line_and_exit_code_2_before_any_work(run_dir, tmp_path):
   fresh = str(tmp_path / "fresh")
   shutil.copytree(run_dir, fresh, ignore=shutil.ignore_patterns("landscape"))
-  out = run_cli(f"--workdir={fresh}", "--grid=1", "--examples=70000")
+  out = run_cli(f"--workdir={fresh}", "--grid=100000", "--examples=70000")
 
   assert out.returncode == 2
   assert out.stderr == (
-      "error: invalid landscape settings: --grid must be at least 2 (points per axis); got 1; "
-      "--examples must be in [1, 60,000] (the train split 'train' of fashion_mnist); "
-      "got 70000\n")
+      "error: invalid landscape settings: --grid must be in [2, 201] (points per axis; the "
+      "surface has grid² of them); got 100000; --examples must be in [1, 60,000] (the train "
+      "split 'train' of fashion_mnist); got 70000\n")
   assert not os.path.exists(os.path.join(fresh, "landscape"))
+  with pytest.raises(config_lib.ConfigError, match=r"--grid must be in \[2, 201\].*got 1$"):
+    landscape.check_settings(landscape.run_config(fresh), grid=1, span=1.0, examples=16)
+
+
+def test_a_long_evaluation_reports_its_progress_every_tenth(monkeypatch, capsys):
+  monkeypatch.setattr(landscape, "PROGRESS_POINTS", 20)
+
+  def eval_step(state, batch):  # The network's "loss" on every image is its one weight.
+    mask = batch["mask"].astype(np.float32)
+    return {"loss": jnp.sum(mask) * state.params["w"], "errors": jnp.zeros(()),
+            "count": jnp.sum(mask)}
+
+  evaluate = landscape.make_evaluator(eval_step, np.zeros((6, 2, 2, 1), np.uint8),
+                                      np.zeros(6, np.int32), mesh=parallel.make_mesh(),
+                                      batch_size=4)
+  points = [{"params": {"w": np.float32(w)}, "batch_stats": {}} for w in (1.0, 3.0)]
+  coefficients = np.stack([np.linspace(0, 1, 20), np.linspace(1, 0, 20)], axis=1)
+  loss, _ = evaluate(points, coefficients)
+  # A handful of float32 roundings apart: the combination, the sums, the division.
+  np.testing.assert_allclose(loss, coefficients @ np.array([1.0, 3.0]),
+                             rtol=8 * np.finfo(np.float32).eps)
+  assert capsys.readouterr().out.splitlines() == [
+      f"[landscape] {k} of 20 networks evaluated" for k in range(2, 21, 2)]
