@@ -98,7 +98,8 @@ def measure(spec: dict) -> dict:
   for _ in range(spec["batches"]):
     batch = next(it)
   wall = time.perf_counter() - start
-  cpu = tree_cpu_seconds(os.getpid()) - cpu_start
+  # /proc counts CPU time in clock ticks: a measurement shorter than one reads 0.
+  cpu = max(tree_cpu_seconds(os.getpid()) - cpu_start, 1 / os.sysconf("SC_CLK_TCK"))
   assert batch["image"].shape == (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), batch["image"].shape
   if hasattr(it, "close"):
     it.close()
