@@ -57,6 +57,13 @@ UNUSABLE_DIR = "unusable_checkpoints"  # Beside the checkpoints directory.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet committed.
 _HASH_CHUNK = 1 << 20
 
+
+def _disk_usage(directory: str) -> int:
+  """Bytes the files under `directory` take on disk (whole blocks, as `du` counts)."""
+  return sum(os.lstat(os.path.join(root, name)).st_blocks * 512
+             for root, _, names in os.walk(directory) for name in names)
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint exists but was written by a run this config cannot continue."""
 
@@ -116,9 +123,16 @@ class Saver:
 
     Orbax reports a full disk well (a ValueError naming ENOSPC), but TensorStore's writes still
     in flight then print tracebacks from their threads; checking first keeps a full disk to one
-    clear error. A disk that fills during the save still fails inside Orbax.
+    clear error. A disk that fills during the save still fails inside Orbax, so the guess errs
+    large: Orbax's metadata takes up to 1 KiB per array (as much again as a small network's
+    arrays), and the newest checkpoint's size on disk, where there is one, is a floor.
     """
-    needed = int(1.1 * sum(leaf.nbytes for leaf in jax.tree.leaves(state))) + (1 << 16)
+    leaves = jax.tree.leaves(state)
+    needed = sum(leaf.nbytes for leaf in leaves) + 1024 * len(leaves) + (1 << 17)
+    newest = self._manager.latest_step()
+    if newest is not None:
+      needed = max(needed, _disk_usage(os.path.join(self.directory, str(newest))))
+    needed = int(1.1 * needed)
     free = shutil.disk_usage(self.directory).free
     fits = free >= needed
     if jax.process_count() > 1:  # Process 0's disk decides, so that all stop or none.
