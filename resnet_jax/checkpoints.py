@@ -29,6 +29,7 @@ has trained.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -36,7 +37,8 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -56,6 +58,7 @@ _STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's record of a step's items.
 UNUSABLE_DIR = "unusable_checkpoints"  # Beside the checkpoints directory.
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet committed.
 _HASH_CHUNK = 1 << 20
+_READ_TRIES = 3  # read_state of the newest checkpoint, deleted under it each time by its run.
 
 
 def _disk_usage(directory: str) -> int:
@@ -424,23 +427,70 @@ def read_state(directory: str, step: int | None = None):
     DamagedCheckpointError: the checkpoint fails its checks (as restore_latest makes them).
   """
   directory = os.path.abspath(directory)
-  if step is None:
-    found = steps(directory)
-    if not found:
-      raise MissingCheckpointError(f"no checkpoint in {directory}: train the run first")
-    step = found[0]
-  step_dir = os.path.join(directory, str(step))
-  if not os.path.isdir(step_dir):
-    raise MissingCheckpointError(f"no checkpoint at step {step} in {directory}; it has steps "
-                                 f"{', '.join(map(str, steps(directory))) or 'none'}")
-  problem = check(step_dir, run_seals=run_seals(directory))
-  if problem:
-    raise DamagedCheckpointError(f"checkpoint {step_dir} is unusable: {problem}")
-  path = os.path.join(step_dir, "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path).item_metadata
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          metadata)
-    state = checkpointer.restore(path, target)
-  return step, jax.tree.map(np.asarray, state)
+  asked = step
+  for _ in range(_READ_TRIES):
+    if asked is None:
+      found = steps(directory)
+      if not found:
+        raise MissingCheckpointError(f"no checkpoint in {directory}: train the run first")
+      step = found[0]
+    step_dir = os.path.join(directory, str(step))
+    if not os.path.isdir(step_dir):
+      raise MissingCheckpointError(f"no checkpoint at step {step} in {directory}; it has steps "
+                                   f"{', '.join(map(str, steps(directory))) or 'none'}")
+    with _held(step_dir) as held_dir:
+      problem = held_dir and check(held_dir, run_seals=run_seals(directory))
+      if held_dir is None or problem and not os.path.isdir(step_dir):
+        # Deleted under us by the run, which keeps only its newest.
+        if asked is None:
+          continue
+        raise MissingCheckpointError(
+            f"checkpoint {step} of {directory} was removed while it was read: the run is still "
+            "training and keeps only its newest; choose a newer step or wait for it to end")
+      if problem:
+        raise DamagedCheckpointError(f"checkpoint {step_dir} is unusable: {problem}")
+      path = os.path.join(held_dir, "state")
+      with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path).item_metadata
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              metadata)
+        state = checkpointer.restore(path, target)
+      return step, jax.tree.map(np.asarray, state)
+  raise MissingCheckpointError(f"the newest checkpoint of {directory} was removed while it was "
+                               f"read, {_READ_TRIES} times: the run is saving faster than it can "
+                               "be read; wait for it to end")
+
+
+@contextlib.contextmanager
+def _held(step_dir: str) -> Iterator[str | None]:
+  """The checkpoint's files, hard-linked into a private directory beside the checkpoints, so that
+  a run still training can delete the checkpoint without pulling its files from under the reader
+  (a committed checkpoint's files are never rewritten). Yields None if the checkpoint vanished
+  while it was linked; `step_dir` itself where links cannot be made (a read-only workdir,
+  another filesystem)."""
+  try:
+    held = tempfile.mkdtemp(prefix=".reading-", dir=os.path.dirname(os.path.dirname(step_dir)))
+  except OSError:
+    yield step_dir
+    return
+  try:
+    copy = os.path.join(held, os.path.basename(step_dir))
+    try:
+      for root, _, names in os.walk(step_dir, onerror=_raise):
+        os.makedirs(os.path.join(copy, os.path.relpath(root, step_dir)))
+        for name in names:
+          path = os.path.join(root, name)
+          os.link(path, os.path.join(copy, os.path.relpath(path, step_dir)))
+    except FileNotFoundError:
+      copy = None
+    except OSError:
+      copy = step_dir
+    # A checkpoint deleted as it was linked can leave a partial copy without an error.
+    yield copy if os.path.isdir(step_dir) else None
+  finally:
+    shutil.rmtree(held, ignore_errors=True)
+
+
+def _raise(error: OSError) -> None:
+  raise error

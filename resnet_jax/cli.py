@@ -4,8 +4,10 @@
   given, which lets Orbax, TFDS and JAX log every step of their work (100-900 lines a run) and
   Orbax log a traceback for every error it then raises; here only fatal log lines show, and
   `--verbosity=0` brings the libraries' logs back (-1: warnings, -2: errors).
-- A full disk is one line `error: disk full: ...` and exit code 1; summary.json says `failed`
-  with the cause, and the same command resumes once there is space.
+- A write the filesystem refuses mid-run (a full disk, a quota, a read-only mount, a permission
+  taken away) is one line `error: disk full: ...` (or `read-only file system: ...`, ...) and exit
+  code 1; summary.json says `failed` with the cause, and the same command resumes once the
+  filesystem takes writes again.
 - Bad input (an unknown flag, a config file that is missing or broken, a config `validate`
   rejects, an unprepared dataset, a workdir in use or unusable, a checkpoint of another run, a
   damaged record nothing can rebuild) ends in one line `error: ...` on stderr and exit code 2,
@@ -140,10 +142,16 @@ def _call(main: Callable[[list[str]], int], argv: list[str]) -> int:
   except Exception as e:  # pylint: disable=broad-except
     if isinstance(e, refusal_types()):
       fail(str(e))
-    if not _is_disk_full(e):
+    if (refused := _refused_write(e)) is None:
       raise  # A bug: its traceback is what helps.
-    fail(f"disk full: {reporting.brief(e)}; free some space and run the same command to resume",
-         EXIT_FAILED)
+    code, cause = refused
+    remedy = "free some space" if code in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    print(f"error: {_REFUSED_WRITES[code]}: {reporting.brief(cause)}; {remedy} and run the same "
+          "command to resume", file=sys.stderr, flush=True)
+    # The summary is written and the lock released. Orbax's threads of a save cut short can wait
+    # forever for its signals, which would keep the interpreter's teardown from ending.
+    sys.stdout.flush()
+    os._exit(EXIT_FAILED)
   return EXIT_FAILED  # Not reached.
 
 
@@ -161,15 +169,23 @@ def _check_text_flags() -> None:
           fail(f"--{name} must be UTF-8 text; got {raw!r}")
 
 
-def _is_disk_full(error: BaseException) -> bool:
-  """ENOSPC from Python, or from TensorStore inside Orbax (which raises ValueError for it)."""
+# Errors of a write the filesystem refused, as cli names them.
+_REFUSED_WRITES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EPERM: "permission denied"}
+
+
+def _refused_write(error: BaseException) -> tuple[int, BaseException] | None:
+  """(errno, the error) of a write the filesystem refused, anywhere in `error`'s chain, or None:
+  from Python, or from TensorStore inside Orbax (a ValueError whose message names it)."""
   while error is not None:
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
-      return True
+    if getattr(error, "errno", None) in _REFUSED_WRITES:
+      return error.errno, error
+    for code in _REFUSED_WRITES:
+      if os.strerror(code) in str(error):
+        return code, error
     error = error.__cause__ or error.__context__
-  return False
-
-
+  return None
 
 
 def _root(error: BaseException) -> BaseException:

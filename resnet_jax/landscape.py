@@ -300,10 +300,11 @@ def compute_landscape(workdir: str, *, step: int | None = None, grid: int = 41,
   builds the run's model and initial state from its config.
   """
   config = run_config(workdir)
-  step = checkpoint_step(workdir, step)
+  checkpoint_step(workdir, step)
   info = check_settings(config, grid=grid, span=span, examples=examples)
   start = time.time()
-  _, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), step)
+  # The newest when it is read: a run still training may have deleted the one checked above.
+  step, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), step)
   final = {"params": state["params"], "batch_stats": state["batch_stats"]}
   mesh = parallel.make_mesh()
   # Only the model and the initial state are needed: no batch source.
@@ -348,15 +349,18 @@ def main(argv: list[str]) -> int:
     raise config_lib.ConfigError("give either --workdir=RUN (one run's landscape) or "
                                  "--compare=RUN_A,RUN_B (runs side by side)")
   if _WORKDIR.value:
-    _landscape_of(_WORKDIR.value, _checked(_WORKDIR.value))
+    _check(_WORKDIR.value)
+    _landscape_of(_WORKDIR.value)
     return cli.EXIT_OK
   runs = _COMPARE.value
   if len(runs) < 2:
     raise config_lib.ConfigError(f"--compare needs at least two runs; got {runs}")
   stored = {run: os.path.join(run, LANDSCAPE_DIR, DATA_FILE) for run in runs}
   # Every run is checked before any is computed.
-  checked = {run: _checked(run) for run in runs if not os.path.isfile(stored[run])}
-  computed = {run: _landscape_of(run, step) for run, step in checked.items()}
+  missing = [run for run in runs if not os.path.isfile(stored[run])]
+  for run in missing:
+    _check(run)
+  computed = {run: _landscape_of(run) for run in missing}
   landscapes = [computed[run] if run in computed else Landscape.load(stored[run])
                 for run in runs]
   if len({(item.examples, item.span) for item in landscapes}) > 1:
@@ -370,18 +374,17 @@ def main(argv: list[str]) -> int:
   return cli.EXIT_OK
 
 
-def _checked(workdir: str) -> int:
+def _check(workdir: str) -> None:
   """Checks a run and the flags against it (raising what compute_landscape would) before any
-  work; returns the checkpoint's step."""
+  work."""
   config = run_config(workdir)
-  step = checkpoint_step(workdir, _STEP.value)
+  checkpoint_step(workdir, _STEP.value)
   check_settings(config, grid=_GRID.value, span=_SPAN.value, examples=_EXAMPLES.value)
-  return step
 
 
-def _landscape_of(workdir: str, step: int) -> Landscape:
+def _landscape_of(workdir: str) -> Landscape:
   """Computes and writes one run's landscape; prints what it wrote."""
-  landscape = compute_landscape(workdir, step=step, grid=_GRID.value, span=_SPAN.value,
+  landscape = compute_landscape(workdir, step=_STEP.value, grid=_GRID.value, span=_SPAN.value,
                                 examples=_EXAMPLES.value, seed=_SEED.value)
   out_dir = os.path.join(workdir, LANDSCAPE_DIR)
   os.makedirs(out_dir, exist_ok=True)

@@ -61,7 +61,7 @@ def exit_on_sigterm() -> None:
 def _exit_preempted(signum, frame) -> None:
   del frame
   if signum == signal.SIGTERM:  # Its line once, though a retry raises again.
-    print(f"preempted: SIGTERM arrived while no step was in flight (before training began "
+    print("preempted: SIGTERM arrived while no step was in flight (before training began "
           "or after it ended); run the same command again", file=sys.stderr, flush=True)
   raise Preempted(EXIT_CODE)
 

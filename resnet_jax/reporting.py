@@ -67,6 +67,23 @@ class Summary:
                   test_error=nan, best_test_error=nan, wall_time_s=0.0, num_params=0)
     return cls(**{**values, **fields})
 
+  @classmethod
+  def failed_from_records(cls, workdir: str, message: str) -> "Summary":
+    """A FAILED summary of a run that died without writing one (killed, say): as far as its
+    metrics.jsonl says it got."""
+    events = read_metrics(workdir)
+    trains = [e for e in events if e["event"] == TRAIN]
+    evals = [e for e in events if e["event"] == EVAL]
+    fields: dict[str, Any] = {}
+    if trains:
+      fields.update(step=trains[-1]["step"], train_loss=trains[-1].get("loss", math.nan),
+                    train_error=trains[-1].get("train_error", math.nan))
+    if evals:
+      fields.update(test_error=evals[-1]["test_error"], best_test_error=best_test_error(events))
+    if times := [e["wall_time_s"] for e in events if isinstance(e.get("wall_time_s"), (int, float))]:
+      fields["wall_time_s"] = times[-1]
+    return cls.failed(message, **fields)
+
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -175,6 +192,11 @@ def brief(error: BaseException) -> str:
 def warn(message: str) -> None:
   """One line `warning: ...` on stderr: what a user must know, whatever the log verbosity."""
   print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def best_test_error(events: list[dict]) -> float:
+  """The best test error among logged evaluations (inf if none)."""
+  return min((e["test_error"] for e in events if e["event"] == EVAL), default=float("inf"))
 
 
 def read_metrics(workdir: str) -> list[dict]:

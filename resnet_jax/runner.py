@@ -288,8 +288,9 @@ def _run_in_processes(todo: list[points.Point], workdir: str, parallel: int,
     if code == cli.EXIT_USAGE:
       reporting.warn(f"point {point.index} {point.name} was not run; see {log_path}")
     elif point.summary(workdir) is None:
-      reporting.Summary.failed(f"worker process exited with code {code}; see {log_path}").write(
-          point.run_dir(workdir))
+      reporting.Summary.failed_from_records(
+          point.run_dir(workdir), f"worker process exited with code {code}; see {log_path}"
+      ).write(point.run_dir(workdir))
 
   def run_worker(point: points.Point, slot: int) -> int | None:
     """The worker's exit code, or None if the sweep was stopped before it started."""

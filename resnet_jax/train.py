@@ -186,7 +186,7 @@ def _run(trainer: trainer_lib.Trainer, members: list[Member],
       # Events of steps past the checkpoint are logged again; with no checkpoint, all of them.
       reporting.truncate_metrics(m.workdir, first_step if first_step else -1)
       _remove(os.path.join(m.workdir, reporting.SUMMARY_FILE))  # Stale until this part ends.
-      m.best = best_test_error(reporting.read_metrics(m.workdir))
+      m.best = reporting.best_test_error(reporting.read_metrics(m.workdir))
     m.saver = checkpoints.Saver(os.path.join(m.workdir, "checkpoints"),
                                 keep=m.config.keep_checkpoints)
     m.reporter = reporting.Reporter(
@@ -233,12 +233,6 @@ def _close_quietly(saver: checkpoints.Saver, reporter: reporting.Reporter) -> No
 def _remove(path: str) -> None:
   if os.path.exists(path):
     os.remove(path)
-
-
-def best_test_error(events: list[dict]) -> float:
-  """The best test error among logged evaluations (inf if none)."""
-  return min((e["test_error"] for e in events if e["event"] == reporting.EVAL),
-             default=float("inf"))
 
 
 def completed_summary(workdir: str, config: ml_collections.ConfigDict
@@ -303,7 +297,7 @@ def finished_summary(config, workdir: str, start: checkpoints.Restored, num_para
       status=reporting.COMPLETED, message="finished", step=step,
       train_loss=train[-1]["loss"] if train else nan,
       train_error=train[-1]["train_error"] if train else nan,
-      test_error=evals[-1]["test_error"], best_test_error=best_test_error(events),
+      test_error=evals[-1]["test_error"], best_test_error=reporting.best_test_error(events),
       wall_time_s=round(start.wall_time_s, 3), num_params=num_params)
   if jax.process_index() == 0:
     summary.write(workdir)

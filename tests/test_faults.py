@@ -582,6 +582,27 @@ def test_a_run_rebuilds_a_damaged_summary_and_config_and_sets_a_damaged_metrics_
   assert reporting.read_json(os.path.join(workdir, reporting.CONFIG_FILE))["num_steps"] == 3
 
 
+@pytest.mark.slow
+def test_checkpoints_read_while_the_run_deletes_them_are_whole(prepared_data_dir, tmp_path,
+                                                                capfd):
+  # The landscape or a notebook reading a run that still trains: with keep_checkpoints=1 and a
+  # save every step, most checkpoints are deleted while a reader is at them.
+  workdir = str(tmp_path / "run")
+  run = start(prepared_data_dir, workdir, num_steps=2 * NUM_STEPS, checkpoint_every=1,
+              keep_checkpoints=1)
+  directory = os.path.join(workdir, "checkpoints")
+  wait_for(lambda: checkpoints.steps(directory), run)
+  read = []
+  while run.poll() is None:
+    step, state = checkpoints.read_state(directory)
+    assert int(state["step"]) == step  # A consistent checkpoint, not parts of two.
+    read.append(step)
+  assert run.returncode == 0
+  assert len(read) >= 10 and read == sorted(read) and read[-1] <= 2 * NUM_STEPS
+  assert "Traceback" not in capfd.readouterr().err
+  assert not glob.glob(os.path.join(workdir, ".reading-*"))  # The reader's links are gone.
+
+
 def test_a_damaged_config_json_is_refused_by_the_landscape_naming_it(tmp_path):
   from resnet_jax import landscape  # pylint: disable=g-import-not-at-top
   path = tmp_path / reporting.CONFIG_FILE
@@ -759,6 +780,34 @@ def tmpfs(path, options: str):
     yield path
   finally:
     subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.slow
+def test_checkpoints_made_read_only_mid_run_is_one_error_a_failed_summary_and_resumes(
+    prepared_data_dir, tmp_path):
+  # What `chmod 555 checkpoints/` does to a user's run; root ignores modes, so a read-only bind
+  # mount stands in for it.
+  workdir = str(tmp_path / "run")
+  directory = os.path.join(workdir, "checkpoints")
+  num_steps = 4 * NUM_STEPS  # Long enough to be mid-run when the mount lands.
+  run = subprocess.Popen(cli_args(prepared_data_dir, workdir, num_steps=num_steps), cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: checkpoints.steps(directory), run)
+  mount = f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory}"
+  if subprocess.run(mount, shell=True, capture_output=True, check=False).returncode:
+    run.kill()
+    pytest.skip("cannot bind-mount here")
+  try:
+    _, stderr = run.communicate(timeout=300)
+  finally:
+    subprocess.run(["umount", "-l", directory], check=False)
+  assert run.returncode == cli.EXIT_FAILED, stderr
+  assert stderr.startswith("error: read-only file system: ") and stderr.count("\n") == 1, stderr
+  summary = reporting.Summary.read(workdir)
+  assert summary.status == "failed" and "Read-only file system" in summary.message
+
+  resumed = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=num_steps), workdir)
+  assert (resumed.status, resumed.step) == ("completed", num_steps)
 
 
 @pytest.fixture

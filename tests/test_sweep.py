@@ -294,6 +294,29 @@ def test_parallel_worker_that_crashes_is_recorded_as_failed(tmp_path, monkeypatc
   assert rows[0]["message"].startswith("worker process exited with code 9; see ")
 
 
+KILLED_WORKER = WORKER + """
+import json
+with open(os.path.join(point_dir, reporting.METRICS_FILE), "w") as f:
+  for step in range(1, 151):
+    f.write(json.dumps({"event": "train", "step": step, "loss": 3.0 - step / 100,
+                        "train_error": 0.9 - step / 1000, "wall_time_s": step / 10}) + "\\n")
+    if step % 50 == 0:
+      f.write(json.dumps({"event": "eval", "step": step, "test_error": 0.5 + step / 1000,
+                          "wall_time_s": step / 10}) + "\\n")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_parallel_worker_killed_9_is_recorded_as_far_as_its_metrics_go(tmp_path, monkeypatch):
+  fake_worker(monkeypatch, KILLED_WORKER)
+  [row] = runner.run_sweep(make_sweep(points.axis("depth", [20])), str(tmp_path),
+                           pack="processes:2")
+  assert row["status"] == "failed"
+  assert row["message"].startswith(f"worker process exited with code {-signal.SIGKILL}; see ")
+  assert (row["step"], row["train_error"], row["wall_time_s"]) == (150, 0.9 - 0.15, 15.0)
+  assert (row["test_error"], row["best_test_error"]) == (0.5 + 0.15, 0.5 + 0.05)
+
+
 STOPPABLE_WORKER = WORKER + """
 def stop(*_):
   record("preempted", 7, "stopped")
