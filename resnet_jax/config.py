@@ -263,17 +263,29 @@ def apply_model_args(config: ml_collections.ConfigDict,
   return config
 
 
-def _one_of(errors: list[str], field: str, value, allowed) -> None:
-  if value not in allowed:
-    errors.append(f"{field} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+# What validate() allows each of these fields, by dotted path: one of some names...
+CHOICES = {"dataset.name": DATASETS, "optimizer.name": OPTIMIZERS,
+           "optimizer.schedule": SCHEDULES, "optimizer.warmup": WARMUPS,
+           "optimizer.weight_decay_mode": WEIGHT_DECAY_MODES,
+           "optimizer.boundaries_unit": ("steps", "epochs")}
+# ... a number > 0, or >= 0 where 0 means off or a default (the fields counted in steps or
+# epochs are checked with the run's length).
+ABOVE_ZERO = ("optimizer.lr", "optimizer.decay_factor", "optimizer.warmup_factor", "batch_size",
+              "eval_batch_size", "log_every", "keep_checkpoints", "sharpness_top",
+              "sharpness_iters")
+ZERO_OR_MORE = ("optimizer.base_batch_size", "optimizer.weight_decay",
+                "optimizer.grad_clip_norm", "profile_steps", "steps_per_call",
+                "diagnostics_every", "dataset.crop_padding", "sharpness_every",
+                "sharpness_batch_size", "noise_scale_every")
 
 
 def _positive(errors: list[str], field: str, value, *, allow_zero: bool = False) -> None:
-  """Finite and > 0 (>= 0 with allow_zero): inf and nan are never a setting."""
-  ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-  if not ok:
-    errors.append(f"{field} must be finite and {'>= 0' if allow_zero else '> 0'}; "
-                  f"got {value!r}")
+  """> 0 (>= 0 with allow_zero), and finite: inf and nan are never a setting."""
+  if math.isfinite(value) and (value >= 0 if allow_zero else value > 0):
+    return
+  bound = (f"an integer >= {0 if allow_zero else 1}" if isinstance(value, int)
+           else f"finite and {'>= 0' if allow_zero else '> 0'}")
+  errors.append(f"{field} must be {bound}; got {value!r}")
 
 
 def _strictly_increasing(values) -> bool:
@@ -331,27 +343,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   errors = type_errors(config)
   if errors:  # The checks below compare values with numbers and names: they need the types.
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-  _one_of(errors, "config.dataset.name", config.dataset.name, DATASETS)
+  for path, allowed in CHOICES.items():
+    if config[path] not in allowed:
+      errors.append(f"config.{path} must be one of {', '.join(allowed)}; got {config[path]!r}")
+  for path in ABOVE_ZERO + ZERO_OR_MORE:
+    _positive(errors, f"config.{path}", config[path], allow_zero=path in ZERO_OR_MORE)
   if not -2**31 <= config.seed < 2**31:  # TrainState.seed is int32.
     errors.append(f"config.seed must be a 32-bit integer, in [-2**31, 2**31 - 1]; "
                   f"got {config.seed}")
   errors += architectures.model_errors(config.model, prefix="config.model.")
 
   opt = config.optimizer
-  _one_of(errors, "config.optimizer.name", opt.name, OPTIMIZERS)
-  _one_of(errors, "config.optimizer.schedule", opt.schedule, SCHEDULES)
-  _one_of(errors, "config.optimizer.warmup", opt.warmup, WARMUPS)
-  _one_of(errors, "config.optimizer.weight_decay_mode", opt.weight_decay_mode,
-          WEIGHT_DECAY_MODES)
-  _one_of(errors, "config.optimizer.boundaries_unit", opt.boundaries_unit, ("steps", "epochs"))
-  _positive(errors, "config.optimizer.lr", opt.lr)
-  _positive(errors, "config.optimizer.base_batch_size", opt.base_batch_size, allow_zero=True)
   if not 0.0 <= opt.momentum < 1.0:
     errors.append(f"config.optimizer.momentum must be in [0, 1); got {opt.momentum}")
-  _positive(errors, "config.optimizer.weight_decay", opt.weight_decay, allow_zero=True)
-  _positive(errors, "config.optimizer.grad_clip_norm", opt.grad_clip_norm, allow_zero=True)
-  _positive(errors, "config.optimizer.decay_factor", opt.decay_factor)
-  _positive(errors, "config.optimizer.warmup_factor", opt.warmup_factor)
   if opt.name == "lars":
     _positive(errors, "config.optimizer.lars_trust_coefficient", opt.lars_trust_coefficient)
     # optax.lars decays the weights before its trust ratio; there is no decoupled LARS here.
@@ -359,14 +363,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
       errors.append(f"config.optimizer.weight_decay_mode must be 'coupled' for LARS; "
                     f"got {opt.weight_decay_mode!r}")
 
-  _positive(errors, "config.batch_size", config.batch_size)
-  _positive(errors, "config.eval_batch_size", config.eval_batch_size)
-  _positive(errors, "config.log_every", config.log_every)
-  _positive(errors, "config.keep_checkpoints", config.keep_checkpoints)
-  _positive(errors, "config.profile_steps", config.profile_steps, allow_zero=True)
-  _positive(errors, "config.steps_per_call", config.steps_per_call, allow_zero=True)
-  _positive(errors, "config.diagnostics_every", config.diagnostics_every, allow_zero=True)
-  _positive(errors, "config.dataset.crop_padding", config.dataset.crop_padding, allow_zero=True)
   for field in ("batch_size", "eval_batch_size"):
     value = config[field]
     if value > 0 and value % num_devices:
@@ -402,34 +398,21 @@ def type_errors(config: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
-def _count(errors: list[str], field: str, value, minimum: int) -> bool:
-  """An int (not a bool) >= minimum; says so in `errors` and returns False otherwise."""
-  if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-    return True
-  errors.append(f"{field} must be an integer >= {minimum}; got {value!r}")
-  return False
-
-
 def _instrument_errors(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
-  """What is wrong with the sharpness and noise-scale fields; validate()'s part for them."""
-  errors: list[str] = []
-  counts = {field: _count(errors, f"config.{field}", config[field], minimum)
-            for field, minimum in (("sharpness_every", 0), ("sharpness_top", 1),
-                                   ("sharpness_iters", 1), ("sharpness_batch_size", 0),
-                                   ("noise_scale_every", 0), ("noise_scale_parts", 2))}
-  if counts["sharpness_top"] and counts["sharpness_iters"] and (
-      config.sharpness_top > config.sharpness_iters):
+  """What is wrong with the sharpness and noise-scale fields beyond their bounds."""
+  errors = []
+  parts = config.noise_scale_parts
+  if parts < 2:
+    errors.append(f"config.noise_scale_parts must be an integer >= 2; got {parts}")
+  if config.sharpness_top > config.sharpness_iters > 0:
     errors.append(f"config.sharpness_top ({config.sharpness_top}) must be at most "
                   f"config.sharpness_iters ({config.sharpness_iters}): each Lanczos iteration "
                   "adds one eigenvalue estimate")
-  if (counts["sharpness_every"] and config.sharpness_every and counts["sharpness_batch_size"]
-      and config.sharpness_batch_size % num_devices):
+  if config.sharpness_every > 0 and config.sharpness_batch_size % num_devices:
     errors.append(f"config.sharpness_batch_size ({config.sharpness_batch_size}) must be "
                   f"divisible by the number of devices ({num_devices})")
   batch = config.batch_size
-  if (counts["noise_scale_every"] and config.noise_scale_every and counts["noise_scale_parts"]
-      and batch > 0 and batch % (config.noise_scale_parts * num_devices)):
-    parts = config.noise_scale_parts
+  if config.noise_scale_every > 0 and parts >= 2 and batch > 0 and batch % (parts * num_devices):
     errors.append(f"config.batch_size ({batch}) must split into config.noise_scale_parts "
                   f"({parts}) equal parts, each divisible by the number of devices "
                   f"({num_devices}), to measure the noise scale: a multiple of "

@@ -3,8 +3,8 @@ instrument, each added in a test by touching only the places ARCHITECTURE.md nam
 end.
 
 A model option: an entry of architectures.OPTIONS (its default and its check) and a field of
-models.ResNet. A config field: its default in config.default_config() and its Role in
-config.ROLES. An instrument: an entry of instruments.INSTRUMENTS, with its interval field (a
+models.ResNet. A config field: its default in config.default_config(), its bound in
+config.ZERO_OR_MORE and its Role in config.ROLES. An instrument: an entry of instruments.INSTRUMENTS, with its interval field (a
 default and a Role) and its event kind. Nothing else is patched: validation, the model, the
 trainer, the loop, checkpoints, packing and the calls of several steps must follow from those
 entries alone.
@@ -59,7 +59,7 @@ def test_a_model_option_is_validated_built_into_the_net_and_compiled_in(monkeypa
 
 
 def _add_field(monkeypatch, name: str, default, role: config_lib.Role) -> None:
-  """What ARCHITECTURE.md says adding a config field takes: a default and a role."""
+  """What ARCHITECTURE.md says adding a config field takes: a default, its bounds and a role."""
   make_default = config_lib.default_config
 
   def default_config():
@@ -68,6 +68,7 @@ def _add_field(monkeypatch, name: str, default, role: config_lib.Role) -> None:
     return config
 
   monkeypatch.setattr(config_lib, "default_config", default_config)
+  monkeypatch.setattr(config_lib, "ZERO_OR_MORE", (*config_lib.ZERO_OR_MORE, name))
   monkeypatch.setitem(config_lib.ROLES, name, role)
 
 
@@ -77,6 +78,9 @@ def test_a_field_with_a_role_is_shared_resumed_and_ends_calls_by_that_role(monke
   other = tiny_config("", my_every=3)
 
   assert "my_every" in config_lib.fields("every") and "my_every" in config_lib.fields("resumable")
+  with pytest.raises(config_lib.ConfigError, match="config.my_every must be an integer >= 0; "
+                     "got -1"):
+    config_lib.validate(tiny_config("", my_every=-1))  # Its bound.
   # Bookkeeping: the same compiled programs, and a checkpoint of one resumes the other.
   assert trainer.program_key(config) == trainer.program_key(other)
   assert checkpoints.config_mismatches(config.to_dict(), other) == []
