@@ -670,50 +670,51 @@ def walk_runs(prepared_data_dir, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("how", list(DAMAGE))  # Apart, so that the workers share them.
 @pytest.mark.parametrize("run", ["preempted", "finished"])
 def test_every_file_damaged_three_ways_is_recovered_with_a_warning_or_refused_in_one_line(
-    prepared_data_dir, walk_runs, tmp_path, capsys, run):
+    prepared_data_dir, walk_runs, tmp_path, capsys, run, how):
   source = walk_runs[run]
   failures = []
+  damage = DAMAGE[how]
   for name in walked_files(source):
-    for how, damage in DAMAGE.items():
-      workdir = str(tmp_path / f"{how}-{name.replace(os.sep, '_')}")
-      shutil.copytree(source, workdir)
-      path = os.path.join(workdir, name)
-      with open(path, "rb") as f:
-        data = f.read()
-      with open(path, "wb") as f:
-        f.write(damage(data))
-      intact = {k: v for k, v in snapshot(workdir).items() if k != name}
-      capsys.readouterr()
-      case = f"{name} {how}"
-      try:
-        summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir,
-                                           trainers=walk_runs["trainers"])
-      except cli.refusal_types() as e:
-        err = capsys.readouterr().err.splitlines()
-        step_dir = os.path.join(workdir, *name.split(os.sep)[:2])
-        if not (name in str(e) or step_dir in str(e)) or len(err) > 1:
-          failures.append(f"{case}: refused without naming it: {e!r} {err}")
-        continue
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(f"{case}: {reporting.brief(e)}")
-        continue
+    workdir = str(tmp_path / f"{how}-{name.replace(os.sep, '_')}")
+    shutil.copytree(source, workdir)
+    path = os.path.join(workdir, name)
+    with open(path, "rb") as f:
+      data = f.read()
+    with open(path, "wb") as f:
+      f.write(damage(data))
+    intact = {k: v for k, v in snapshot(workdir).items() if k != name}
+    capsys.readouterr()
+    case = f"{name} {how}"
+    try:
+      summary = train.train_and_evaluate(tiny_config(prepared_data_dir), workdir,
+                                         trainers=walk_runs["trainers"])
+    except cli.refusal_types() as e:
       err = capsys.readouterr().err.splitlines()
-      if summary.status != "completed" or summary.step != NUM_STEPS:
-        failures.append(f"{case}: ended {summary.status} at {summary.step}: {summary.message}")
-      if len(err) > 1 or any(not line.startswith("warning: ") for line in err):
-        failures.append(f"{case}: not one warning line: {err}")
-      if name != reporting.METRICS_FILE:  # Every step logged once, the intact ones kept.
-        steps = [e["step"] for e in reporting.read_metrics(workdir) if e["event"] == "train"]
-        if steps != list(range(1, NUM_STEPS + 1)):
-          failures.append(f"{case}: train events of steps {steps}")
-      if run == "finished" and name != reporting.METRICS_FILE:
-        after = snapshot(workdir)
-        if changed := sorted(k for k, v in intact.items() if after.get(k) != v
-                             and k not in (reporting.CONFIG_FILE, reporting.SUMMARY_FILE)):
-          failures.append(f"{case}: changed {changed}")
-      shutil.rmtree(workdir)
+      step_dir = os.path.join(workdir, *name.split(os.sep)[:2])
+      if not (name in str(e) or step_dir in str(e)) or len(err) > 1:
+        failures.append(f"{case}: refused without naming it: {e!r} {err}")
+      continue
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append(f"{case}: {reporting.brief(e)}")
+      continue
+    err = capsys.readouterr().err.splitlines()
+    if summary.status != "completed" or summary.step != NUM_STEPS:
+      failures.append(f"{case}: ended {summary.status} at {summary.step}: {summary.message}")
+    if len(err) > 1 or any(not line.startswith("warning: ") for line in err):
+      failures.append(f"{case}: not one warning line: {err}")
+    if name != reporting.METRICS_FILE:  # Every step logged once, the intact ones kept.
+      steps = [e["step"] for e in reporting.read_metrics(workdir) if e["event"] == "train"]
+      if steps != list(range(1, NUM_STEPS + 1)):
+        failures.append(f"{case}: train events of steps {steps}")
+    if run == "finished" and name != reporting.METRICS_FILE:
+      after = snapshot(workdir)
+      if changed := sorted(k for k, v in intact.items() if after.get(k) != v
+                           and k not in (reporting.CONFIG_FILE, reporting.SUMMARY_FILE)):
+        failures.append(f"{case}: changed {changed}")
+    shutil.rmtree(workdir)
   assert not failures, "\n".join(failures)
 
 
@@ -789,7 +790,7 @@ def test_checkpoints_made_read_only_mid_run_is_one_error_a_failed_summary_and_re
   # mount stands in for it.
   workdir = str(tmp_path / "run")
   directory = os.path.join(workdir, "checkpoints")
-  num_steps = 4 * NUM_STEPS  # Long enough to be mid-run when the mount lands.
+  num_steps = 2 * NUM_STEPS  # Long enough to be mid-run when the mount lands.
   run = subprocess.Popen(cli_args(prepared_data_dir, workdir, num_steps=num_steps), cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   wait_for(lambda: checkpoints.steps(directory), run)
