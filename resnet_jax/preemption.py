@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -56,10 +57,45 @@ def exit_on_sigterm() -> None:
       previous_hook(unraisable)
 
   sys.unraisablehook = retry_if_swallowed
+  _forward_to_the_main_thread()
+
+
+# Set once the handler below runs: the main thread has the signal in hand.
+_RECEIVED = threading.Event()
+
+
+def _forward_to_the_main_thread() -> None:
+  """Makes SIGTERM reach the main thread even where another thread took it.
+
+  Python runs handlers in the main thread only, once it is back in Python code. A signal
+  taken by another thread (Linux may choose any; native libraries install handlers of their
+  own) leaves a main thread blocked in a system call there, its handler never run: seen as a
+  run that ignored SIGTERM while it read a file, after XLA's first compilations. CPython's C
+  handler, on any thread, writes the signal's number to the wakeup fd; a watcher sends the
+  signal on to the main thread if its handler has not run within a second, which interrupts
+  the call.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return
+  receiver, sender = socket.socketpair()
+  sender.setblocking(False)
+  signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+  main = threading.main_thread().ident
+
+  # The thread holds `_sender`: collected, it would close the fd the handler writes to.
+  def watch(receiver: socket.socket, _sender: socket.socket) -> None:
+    while numbers := receiver.recv(64):
+      if (signal.SIGTERM in numbers and signal.getsignal(signal.SIGTERM) is _exit_preempted
+          and not _RECEIVED.wait(1.0)):
+        signal.pthread_kill(main, signal.SIGTERM)
+
+  threading.Thread(target=watch, args=(receiver, sender), name="resnet_jax-sigterm",
+                   daemon=True).start()
 
 
 def _exit_preempted(signum, frame) -> None:
   del frame
+  _RECEIVED.set()
   if signum == signal.SIGTERM:  # Its line once, though a retry raises again.
     print("preempted: SIGTERM arrived while no step was in flight (before training began "
           "or after it ended); run the same command again", file=sys.stderr, flush=True)
