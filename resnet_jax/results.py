@@ -9,8 +9,12 @@ import csv
 import io
 import math
 import os
+from typing import TYPE_CHECKING
 
-from resnet_jax import plots, points, reporting
+from resnet_jax import points, reporting
+
+if TYPE_CHECKING:
+  from resnet_jax import plots
 
 RESULTS_FILE = "results.csv"
 # The summary fields a row shows, in results.csv's column order (errors are fractions).
@@ -72,6 +76,9 @@ def format_table(rows: list[dict]) -> str:
 
 def load_runs(sweep: list[points.Point], workdir: str) -> list[plots.Run]:
   """The points' runs as the plots take them: fields, summary and metrics events."""
+  # Imported here: matplotlib is a third of a second of every command's start (`main` imports
+  # this module), and only the figures need it.
+  from resnet_jax import plots  # pylint: disable=g-import-not-at-top
   return [plots.Run(p.fields, p.summary(workdir), reporting.read_metrics(p.run_dir(workdir)))
           for p in sweep]
 

@@ -94,6 +94,9 @@ FIRST_MODULES = ("test_slurm", "test_population", "test_faults", "test_sweep", "
                  "test_train", "test_steps_per_call", "test_multiprocess", "test_landscape")
 
 
+# First: xdist's worker adds the group to each test's id in its own hook of this name, which
+# otherwise runs before this one and finds no group (every test then went to any worker).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(FIRST_MODULES)}
@@ -120,7 +123,7 @@ def pytest_pyfunc_call(pyfuncitem):
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices), RESNET_JAX_TEST_DEVICES=str(devices))
   child = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-       "--no-header", pyfuncitem.nodeid],
+       "--no-header", f"{pyfuncitem.path}::{pyfuncitem.name}"],  # The id without its @group.
       cwd=_REPO, env=env, capture_output=True, text=True, timeout=900)
   if child.returncode != 0:
     pytest.fail(f"with {devices} devices, in a process of its own:\n{child.stdout[-6000:]}"

@@ -9,6 +9,7 @@ in-process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import hashlib
@@ -809,6 +810,27 @@ def test_checkpoints_made_read_only_mid_run_is_one_error_a_failed_summary_and_re
 
   resumed = train.train_and_evaluate(tiny_config(prepared_data_dir, num_steps=num_steps), workdir)
   assert (resumed.status, resumed.step) == ("completed", num_steps)
+
+
+def test_late_callbacks_of_a_save_cut_short_are_not_printed_other_errors_are():
+  # What TensorStore's thread prints through sys.excepthook when it completes a write after
+  # Orbax closed the save's event loop: a traceback that starts in call_soon_threadsafe.
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    late = (RuntimeError, e, e.__traceback__.tb_next)  # Without this test's frame.
+  try:
+    raise RuntimeError("Event loop is closed")
+  except RuntimeError as e:
+    ours = (RuntimeError, e, e.__traceback__)
+  printed = []
+  hook = cli._without_late_loop_callbacks(lambda *error: printed.append(error))
+  other = (ValueError, ValueError("Event loop is closed"), late[2])
+  for error in (late, ours, other):
+    hook(*error)
+  assert printed == [ours, other]
 
 
 @pytest.fixture

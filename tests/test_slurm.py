@@ -220,12 +220,19 @@ def test_point_the_run_refuses_is_recorded_failed_and_not_requeued(array_sweep):
   assert log.count("Starting with JobEnvironment") == 1 and "Requeued" not in log
 
 
+# Long enough that the task is still training when the interruption lands: SLURM took 1.6 s from
+# the urgent job's sbatch to the preemption, time for 48 of the tiny run's steps with a warm
+# compilation cache (a run of 50 then finished first and nothing was preempted).
+UNINTERRUPTED_STEPS = 200
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, prepared_data_dir, tmp_path_factory):
-  """A 50-step point run here without interruption: (its sweep config, its workdir). Run first,
-  its programs go into the compilation cache that the tasks then read."""
+  """A point of UNINTERRUPTED_STEPS run here without interruption: (its sweep config, its
+  workdir). Run first, its programs go into the compilation cache that the tasks then read."""
   del slurm
-  sweep_config = tiny_sweep(prepared_data_dir, [{"lr": 0.1}], num_steps=50, log_every=1)
+  sweep_config = tiny_sweep(prepared_data_dir, [{"lr": 0.1}], num_steps=UNINTERRUPTED_STEPS,
+                            log_every=1)
   here = str(tmp_path_factory.mktemp("uninterrupted"))
   runner.run_sweep(sweep_config, here)
   return sweep_config, os.path.join(here, "lr=0.1")
@@ -248,10 +255,10 @@ def run_interrupted(uninterrupted, tmp_path, jobs: list[str], interrupt) -> tupl
   launch.wait_sweep(sweep_config, workdir, job, poll_s=1)
 
   done, here = reporting.Summary.read(point_dir), reporting.Summary.read(here_dir)
-  assert done.status == "completed" and done.step == 50
+  assert done.status == "completed" and done.step == UNINTERRUPTED_STEPS
   assert (done.train_loss, done.test_error) == (here.train_loss, here.test_error)
-  assert multihost.max_abs_difference(multihost.params(point_dir, 50),
-                                      multihost.params(here_dir, 50)) == 0.0
+  assert multihost.max_abs_difference(multihost.params(point_dir, UNINTERRUPTED_STEPS),
+                                      multihost.params(here_dir, UNINTERRUPTED_STEPS)) == 0.0
   return job, task_log(workdir, job)
 
 
