@@ -59,20 +59,23 @@ def refusal_types() -> tuple[type[BaseException], ...]:
 
 def run(main: Callable[[list[str]], int]) -> None:
   """absl's app.run(main) with this module's conventions."""
-  sys.excepthook = _without_late_loop_callbacks(sys.excepthook)
+  sys.unraisablehook = _without_late_loop_callbacks(sys.unraisablehook)
   app.run(lambda argv: _call(main, argv), flags_parser=_parse_flags)
 
 
-def _without_late_loop_callbacks(excepthook):
-  """`excepthook`, silent for one error only: TensorStore completing a write of an Orbax save cut
-  short (a refused write, below) after Orbax closed the save's event loop. TensorStore's thread
-  calls `loop.call_soon_threadsafe` from C++ and prints what it raises through sys.excepthook
-  (PyErr_Print), a traceback per pending write before the one line the user should read. Such a
-  traceback starts in call_soon_threadsafe itself: no Python code called it."""
-  def hook(kind, error, traceback):
-    if not (kind is RuntimeError and str(error) == "Event loop is closed" and traceback
+def _without_late_loop_callbacks(unraisablehook):
+  """`unraisablehook`, silent for one error only: TensorStore completing a write of an Orbax save
+  cut short (a refused write, below) after Orbax closed the save's event loop. TensorStore's
+  thread calls `loop.call_soon_threadsafe` from C++ and reports what it raises as unraisable
+  (PyErr_WriteUnraisable, with no object), a traceback per pending write before the one line the
+  user should read. Such a traceback starts in call_soon_threadsafe itself: no Python code called
+  it."""
+  def hook(unraisable):
+    traceback = unraisable.exc_traceback
+    if not (unraisable.exc_type is RuntimeError and unraisable.object is None
+            and str(unraisable.exc_value) == "Event loop is closed" and traceback
             and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
-      excepthook(kind, error, traceback)
+      unraisablehook(unraisable)
   return hook
 
 

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -795,10 +796,20 @@ def test_checkpoints_made_read_only_mid_run_is_one_error_a_failed_summary_and_re
   run = subprocess.Popen(cli_args(prepared_data_dir, workdir, num_steps=num_steps), cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   wait_for(lambda: checkpoints.steps(directory), run)
-  mount = f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory}"
-  if subprocess.run(mount, shell=True, capture_output=True, check=False).returncode:
+  if subprocess.run(["mount", "--bind", directory, directory], capture_output=True,
+                    check=False).returncode:
     run.kill()
     pytest.skip("cannot bind-mount here")
+  # The kernel refuses (EBUSY) to make a mount read-only while a file is open for writing
+  # through it, as the run's next save may have one: try again until none is.
+  deadline = time.time() + 60
+  while (remount := subprocess.run(["mount", "-o", "remount,bind,ro", directory],
+                                   capture_output=True, text=True, check=False)).returncode:
+    if time.time() > deadline or run.poll() is not None:
+      subprocess.run(["umount", "-l", directory], check=False)
+      run.kill()
+      pytest.fail(f"could not make {directory} read-only mid-run: {remount.stderr}")
+    time.sleep(0.01)
   try:
     _, stderr = run.communicate(timeout=300)
   finally:
@@ -813,24 +824,31 @@ def test_checkpoints_made_read_only_mid_run_is_one_error_a_failed_summary_and_re
 
 
 def test_late_callbacks_of_a_save_cut_short_are_not_printed_other_errors_are():
-  # What TensorStore's thread prints through sys.excepthook when it completes a write after
-  # Orbax closed the save's event loop: a traceback that starts in call_soon_threadsafe.
+  # What TensorStore's thread reports as unraisable when it completes a write after Orbax closed
+  # the save's event loop: a traceback that starts in call_soon_threadsafe, and no object.
   loop = asyncio.new_event_loop()
   loop.close()
   try:
     loop.call_soon_threadsafe(print)
   except RuntimeError as e:
-    late = (RuntimeError, e, e.__traceback__.tb_next)  # Without this test's frame.
+    late_error, late_traceback = e, e.__traceback__.tb_next  # Without this test's frame.
   try:
     raise RuntimeError("Event loop is closed")
   except RuntimeError as e:
-    ours = (RuntimeError, e, e.__traceback__)
+    ours_error, ours_traceback = e, e.__traceback__
+
+  def unraisable(error, traceback, obj=None):
+    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=traceback,
+                                 err_msg=None, object=obj)
+  late = unraisable(late_error, late_traceback)
+  ours = unraisable(ours_error, ours_traceback)
+  other = unraisable(ValueError("Event loop is closed"), late_traceback)
+  of_an_object = unraisable(late_error, late_traceback, obj=loop)
   printed = []
-  hook = cli._without_late_loop_callbacks(lambda *error: printed.append(error))
-  other = (ValueError, ValueError("Event loop is closed"), late[2])
-  for error in (late, ours, other):
-    hook(*error)
-  assert printed == [ours, other]
+  hook = cli._without_late_loop_callbacks(printed.append)
+  for error in (late, ours, other, of_an_object):
+    hook(error)
+  assert printed == [ours, other, of_an_object]
 
 
 @pytest.fixture
