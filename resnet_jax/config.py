@@ -104,7 +104,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.sharpness_iters = 20  # Lanczos iterations (Hessian-vector products) per measurement.
   c.sharpness_batch_size = 0  # Examples of the fixed batch they are measured on; 0 = batch_size.
   c.noise_scale_every = 0  # >0: record the gradient noise scale B_simple every k steps.
-  c.noise_scale_parts = 4  # The global batch's gradient is compared with those of this many parts.
   c.progress_bar = True  # Only drawn when stdout is a terminal.
   return c
 
@@ -151,8 +150,12 @@ ROLES: dict[str, Role] = {
     "sharpness_iters": Role(resumable=True),
     "sharpness_batch_size": Role(resumable=True),
     "noise_scale_every": Role(resumable=True, every=True, alone=True),
-    "noise_scale_parts": Role(resumable=True),
 }
+
+# Top-level fields an older resnet_jax recorded that no longer mean anything: a recorded config
+# drops them (upgrade_recorded), so its run resumes. noise_scale_parts split the batch whose
+# gradient noise was measured into parts; the noise scale now takes two whole batches.
+REMOVED = ("noise_scale_parts",)
 
 
 def fields(role: str) -> tuple[str, ...]:
@@ -171,12 +174,14 @@ def epoch_fields() -> dict[str, str]:
 
 def upgrade_recorded(recorded: dict) -> dict:
   """A config that an older resnet_jax recorded (a checkpoint's, a run's config.json), in today's
-  fields: a field since replaced becomes its replacement; the others are left as they are.
+  fields: a field since replaced becomes its replacement, one since removed (REMOVED) is
+  dropped; the others are left as they are.
 
   model.bn_fast_variance (a bool until model.bn_variance replaced it) becomes bn_variance
   "one_pass" (True) or "two_pass" (False). Fields added since stay absent: callers count them as
   their defaults.
   """
+  recorded = {k: v for k, v in recorded.items() if k not in REMOVED}
   model = recorded.get("model")
   if not isinstance(model, Mapping) or "bn_fast_variance" not in model:
     return recorded
@@ -399,11 +404,8 @@ def type_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _instrument_errors(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
-  """What is wrong with the sharpness and noise-scale fields beyond their bounds."""
+  """What is wrong with the instruments' fields beyond their bounds."""
   errors = []
-  parts = config.noise_scale_parts
-  if parts < 2:
-    errors.append(f"config.noise_scale_parts must be an integer >= 2; got {parts}")
   if config.sharpness_top > config.sharpness_iters > 0:
     errors.append(f"config.sharpness_top ({config.sharpness_top}) must be at most "
                   f"config.sharpness_iters ({config.sharpness_iters}): each Lanczos iteration "
@@ -411,12 +413,6 @@ def _instrument_errors(config: ml_collections.ConfigDict, num_devices: int) -> l
   if config.sharpness_every > 0 and config.sharpness_batch_size % num_devices:
     errors.append(f"config.sharpness_batch_size ({config.sharpness_batch_size}) must be "
                   f"divisible by the number of devices ({num_devices})")
-  batch = config.batch_size
-  if config.noise_scale_every > 0 and parts >= 2 and batch > 0 and batch % (parts * num_devices):
-    errors.append(f"config.batch_size ({batch}) must split into config.noise_scale_parts "
-                  f"({parts}) equal parts, each divisible by the number of devices "
-                  f"({num_devices}), to measure the noise scale: a multiple of "
-                  f"{parts * num_devices}")
   return errors
 
 

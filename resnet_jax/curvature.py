@@ -14,8 +14,9 @@ Two instruments for "why residual nets train with SGD":
 - **The simple noise scale** B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, "An Empirical Model
   of Large-Batch Training", Appendix A; G the expected gradient, Σ the per-example gradients'
   covariance): about the batch size beyond which a larger batch stops buying a proportionally
-  larger step. `noise_scale_estimates` gives unbiased estimates of |G|² and tr(Σ) from the squared
-  norms of gradients at two batch sizes.
+  larger step. BatchNorm couples a batch's examples, so here it is B tr Cov(G_B)/|E G_B|² at the
+  batch size B trained, G_B the gradient of a batch's training loss; `noise_scale_estimates`
+  gives unbiased estimates of both from the gradients of two independent batches.
 
 Everything here is a pure function of arrays and callables. The trainer (trainer.py) binds them
 to the model, the loss and a batch; the train loop (train.py) decides when to measure.
@@ -144,30 +145,35 @@ def stability_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False
   return (2 + 2 * momentum) / lr
 
 
-def noise_scale_estimates(big_sq_norm: float, small_sq_norm: float, big_batch: int,
-                          small_batch: int) -> dict[str, float]:
-  """Unbiased estimates of |G|² and tr(Σ), and their ratio B_simple (McCandlish et al. 2018,
-  Appendix A).
+def noise_scale_estimates(cross: float, diff_sq_norm: float, batch_size: int
+                          ) -> dict[str, float]:
+  """Unbiased estimates of |E G_B|² and B tr Cov(G_B), and their ratio B_simple, from the
+  gradients G¹ and G² of the training loss on two independent batches of B examples.
 
-  The mean gradient of B examples drawn independently has E|G_B|² = |G|² + tr(Σ)/B, so two batch
-  sizes give two equations:
+  Each G is one draw of G_B, whatever BatchNorm does to the examples inside a batch, and the two
+  are independent (so the cross term of the second line has mean 0):
 
-    |G|²  ≈ (B_big |G_big|² - B_small |G_small|²) / (B_big - B_small)
-    tr(Σ) ≈ (|G_small|² - |G_big|²) / (1/B_small - 1/B_big)
+    E[G¹·G²]         = E G¹ · E G² = |E G_B|²
+    E|G¹ - G²|² / 2  = (E|G¹ - E G_B|² + E|G² - E G_B|²) / 2 = tr Cov(G_B).
 
-  Either may come out negative on one measurement, and their ratio is biased (a ratio of noisy
-  estimates): McCandlish et al. average numerator and denominator over training steps before
-  dividing, as plots.plot_noise_scale does.
+  For independent examples without BN, E G_B = G and Cov(G_B) = Σ/B: B_simple = B tr Cov(G_B) /
+  |E G_B|² is McCandlish et al.'s tr(Σ)/|G|². With BN it is the noise of the step SGD takes at
+  batch size B, per example. (Estimates from one batch and its parts fail with BN: parts with
+  their own statistics are other functions than the batch's loss, and parts under the batch's
+  statistics count the coupling BN gives two examples in |G|² instead of the noise.)
+
+  The |E G_B|² estimate may come out negative on one measurement (tr Cov(G_B)'s never), and
+  their ratio is biased (a ratio of noisy estimates): McCandlish et al. average numerator and
+  denominator over training steps before dividing, as plots.plot_noise_scale does.
 
   Args:
-    big_sq_norm: |G_big|², the squared norm of the mean gradient of B_big examples.
-    small_sq_norm: |G_small|², the same at B_small examples, averaged over several such batches.
-    big_batch, small_batch: B_big > B_small >= 1.
+    cross: G¹·G².
+    diff_sq_norm: |G¹ - G²|².
+    batch_size: B, the examples in each batch.
   Returns:
-    {"grad_sq_norm": |G|², "trace_cov": tr(Σ), "b_simple": tr(Σ)/|G|²}.
+    {"grad_sq_norm": |E G_B|², "trace_cov": B tr Cov(G_B), "b_simple": their ratio}.
   """
-  grad_sq = ((big_batch * big_sq_norm - small_batch * small_sq_norm)
-             / (big_batch - small_batch))
-  trace = (small_sq_norm - big_sq_norm) / (1 / small_batch - 1 / big_batch)
+  grad_sq = cross
+  trace = batch_size * diff_sq_norm / 2
   return {"grad_sq_norm": float(grad_sq), "trace_cov": float(trace),
           "b_simple": float(trace / grad_sq) if grad_sq else float("nan")}

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -95,44 +95,40 @@ def measure_sharpness(config: ml_collections.ConfigDict, programs: dict[str, Any
 
 def noise_scale_programs(config: ml_collections.ConfigDict, source: sources.Source, loss: Loss,
                          mesh) -> dict[str, Any]:
-  """"batches": (state, measure inputs) -> (the step's batch, its noise_scale_parts parts);
-  "grad_sq_norm": (params, batch_stats, batch) -> |gradient of the loss|², float32 []."""
-  small = config.batch_size // config.noise_scale_parts
+  """"batches": (state, measure inputs) -> two independent batches of batch_size drawn for the
+  step; "products": (params, batch_stats, batches) -> (G¹·G², |G¹ - G²|²), float32 [] each, G¹ and
+  G² the gradients of the loss on the two batches."""
 
   def batches(state, measure_inputs):
     key = jax.random.fold_in(_stream(state.seed, NOISE_SCALE_STREAM), state.step)
-    batch = source.measure_batch(measure_inputs, key, config.batch_size)
-    return batch, [jax.tree.map(lambda x, i=i: x[i * small:(i + 1) * small], batch)
-                   for i in range(config.noise_scale_parts)]
+    return [source.measure_batch(measure_inputs, jax.random.fold_in(key, i), config.batch_size)
+            for i in range(2)]
 
-  def grad_sq_norm(params, batch_stats, batch):
-    return optax.tree.norm(jax.grad(loss)(params, batch_stats, batch), squared=True)
+  def products(params, batch_stats, batches):
+    first, second = (jax.grad(loss)(params, batch_stats, batch) for batch in batches)
+    # The difference's norm, not |G¹|² + |G²|² - 2 G¹·G²: near a minimum those cancel.
+    return (optax.tree.vdot(first, second),
+            optax.tree.norm(jax.tree.map(jnp.subtract, first, second), squared=True))
 
-  # Each part is sharded over the devices on its own (validate: small % devices == 0).
   return {"batches": jax.jit(batches, out_shardings=parallel.batch_sharded(mesh)),
-          "grad_sq_norm": jax.jit(grad_sq_norm, out_shardings=parallel.replicated(mesh))}
+          "products": jax.jit(products, out_shardings=parallel.replicated(mesh))}
 
 
 def measure_noise_scale(config: ml_collections.ConfigDict, programs: dict[str, Any],
                         source: sources.Source, state, lr: float) -> dict[str, Any]:
   """The simple gradient noise scale at `state` (curvature.noise_scale_estimates).
 
-  |G_big|² is the squared norm of the gradient of steps.training_loss on batch_size
-  un-augmented training examples drawn for `state.step`; |G_small|² the mean of the same over
-  its config.noise_scale_parts equal parts, each with BN's statistics over that part, as a run
-  at the smaller batch would train. BN couples a batch's examples, so the estimator's premise
-  (E|G_B|² = |G|² + tr(Σ)/B for B independent examples) holds only approximately. Returns
-  {"grad_sq_norm", "trace_cov", "b_simple", "b_big", "b_small"}.
+  G¹ and G² are the gradients of steps.training_loss (BN in train mode over each batch, as a
+  training step sees it) on two independent batches of batch_size un-augmented training examples
+  drawn for `state.step`. Returns the estimates {"grad_sq_norm" (of |E G_B|²), "trace_cov" (of
+  B tr Cov(G_B)), "b_simple" (their ratio)} and "batch_size" (B).
   """
   del lr
-  big, parts = programs["batches"](state, source.measure_inputs())
-  sq_norm = lambda batch: programs["grad_sq_norm"](state.params, state.batch_stats, batch)
-  big_sq, *small_sq = parallel.to_host([sq_norm(big)] + [sq_norm(part) for part in parts])
-  b_big = config.batch_size
-  b_small = b_big // config.noise_scale_parts
-  estimates = curvature.noise_scale_estimates(float(big_sq), float(np.mean(small_sq)),
-                                              b_big, b_small)
-  return {**estimates, "b_big": b_big, "b_small": b_small}
+  batches = programs["batches"](state, source.measure_inputs())
+  cross, diff_sq = parallel.to_host(programs["products"](state.params, state.batch_stats,
+                                                         batches))
+  estimates = curvature.noise_scale_estimates(float(cross), float(diff_sq), config.batch_size)
+  return {**estimates, "batch_size": config.batch_size}
 
 
 INSTRUMENTS: dict[str, Instrument] = {

@@ -24,13 +24,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from resnet_jax import diagnostics, reporting
+from resnet_jax import diagnostics, reporting, results
 
 if TYPE_CHECKING:  # landscape.py draws with this module.
   from resnet_jax.landscape import Landscape
 
-# He et al. 2016, Table 6: CIFAR-10 test error (%) of the residual nets (110: best of 5 runs).
-PAPER_CIFAR10_TEST_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
 ERROR_CURVES_FILE = "error_curves.png"
 ABLATION_TABLE_FILE = "ablation_table.md"
 GRADIENT_FLOW_FILE = "gradient_flow.png"
@@ -121,38 +119,34 @@ def plot_error_curves(runs: Sequence[Run], path: str, *, title: str = "") -> Non
 def ablation_table(runs: Sequence[Run], *, dataset: str) -> str:
   """Markdown: final train and test error (%) per depth, plain vs residual.
 
-  Beside the paper's Table 6 test errors when `dataset` is cifar10. A run that did not complete
-  shows its status instead of numbers.
-
-  Raises:
-    ValueError: when two runs share a depth and skip (average them over seeds first).
+  Runs of one depth and skip (seeds) show the mean ± std over those that completed
+  (results.mean_std_percent), and how many completed when some did not. Beside the paper's
+  Table 6 test errors (results.paper_test_error) when `dataset` is cifar10. A cell none of whose
+  runs completed shows their status instead of numbers.
   """
-  cells: dict[tuple[int, bool], Run] = {}
+  cells: dict[tuple[int, bool], list[Run]] = {}
   for run in runs:
-    if "depth" not in run.fields or "skip" not in run.fields:
-      continue
-    key = (int(run.fields["depth"]), bool(run.fields["skip"]))
-    if key in cells:
-      raise ValueError(f"the ablation table needs one run per depth and skip; depth={key[0]} "
-                       f"skip={key[1]} has more: {cells[key].fields} and {run.fields}")
-    cells[key] = run
+    if "depth" in run.fields and "skip" in run.fields:
+      cells.setdefault((int(run.fields["depth"]), bool(run.fields["skip"])), []).append(run)
   paper = dataset == "cifar10"
   header = ["depth", "plain train", "plain test", "ResNet train", "ResNet test"]
   if paper:
     header.append("ResNet test, paper")
-  lines = [f"Final error (%) on {dataset}: plain nets vs residual nets of the same depth.", "",
-           "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+  most = max((len(c) for c in cells.values()), default=1)
+  over = f", mean ± std over up to {most} runs" if most > 1 else ""
+  lines = [f"Final error (%) on {dataset}{over}: plain nets vs residual nets of the same depth.",
+           "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
   for depth in sorted({d for d, _ in cells}):
     row = [str(depth)]
     for skip in (False, True):
-      row += [_final_error(cells.get((depth, skip)), column)
+      row += [_final_error(cells.get((depth, skip), []), column)
               for column in ("train_error", "test_error")]
     if paper:
-      row.append(f"{PAPER_CIFAR10_TEST_ERROR[depth]:.2f}" if depth in PAPER_CIFAR10_TEST_ERROR
-                 else "-")
+      row.append(results.paper_test_error({"depth": depth, "skip": True}))
     lines.append("| " + " | ".join(row) + " |")
   if paper:
-    lines += ["", "Paper: He et al. 2016, Table 6 (CIFAR-10 test error; ResNet-110 best of 5)."]
+    lines += ["", "Paper: He et al. 2016, Table 6 (CIFAR-10 test error; ResNet-110 best of 5, "
+              "their mean ± std in brackets)."]
   return "\n".join(lines)
 
 
@@ -226,8 +220,7 @@ def trainability_grid(runs: Sequence[Run]) -> tuple[
   statuses = {skip: np.full(shape, "", dtype=object) for skip in (False, True)}
   for (skip, depth, lr), run in cells.items():
     cell = (depths.index(depth), lrs.index(lr))
-    # "pending" is results.PENDING, spelled out: results imports this module.
-    statuses[skip][cell] = run.summary.status if run.summary else "pending"
+    statuses[skip][cell] = run.summary.status if run.summary else results.PENDING
     if statuses[skip][cell] == reporting.COMPLETED:
       errors[skip][cell] = run.summary.train_error
   return lrs, depths, errors, statuses
@@ -314,9 +307,9 @@ def smoothed_noise_scale(events: Sequence[dict], decay: float = NOISE_SCALE_EMA)
   """B_simple at each NOISE_SCALE event as McCandlish et al. 2018 (Appendix A) compute it: the
   exponential moving averages of the tr(Σ) and |G|² estimates (`decay` per event), divided.
 
-  One measurement's ratio is biased and noisy, and either estimate may be negative; the averages
-  are not. Both start from 0 and so carry the same bias factor 1 - decay^t, which cancels in the
-  ratio: no correction is needed.
+  One measurement's ratio is biased and noisy, and its |G|² estimate may be negative; the
+  averages are not. Both start from 0 and so carry the same bias factor 1 - decay^t, which
+  cancels in the ratio: no correction is needed.
   """
   trace = grad_sq = 0.0
   out = []
@@ -347,7 +340,10 @@ def plot_noise_scale(runs: Sequence[Run], path: str) -> None:
             linestyle="--" if run.fields.get("skip") is False else "-",
             marker="o" if len(events) < 4 else None, label=run_label(run.fields))
     ax.plot(steps, [e["b_simple"] for e in events], ".", alpha=0.3, color=colour)
-  for batch in sorted({e["b_big"] for r in recorded for e in _events(r, reporting.NOISE_SCALE)}):
+  # Records of the older estimator (a batch and its parts) name the batch size "b_big".
+  batches = {e.get("batch_size", e.get("b_big")) for r in recorded
+             for e in _events(r, reporting.NOISE_SCALE)}
+  for batch in sorted(batches):
     ax.axhline(batch, color="0.5", linewidth=0.8, linestyle=":")
     ax.text(0.99, batch, f"batch {batch}", transform=ax.get_yaxis_transform(), ha="right",
             va="bottom", fontsize="small", color="0.4")
@@ -396,15 +392,19 @@ def _events(run: Run, kind: str) -> list[dict]:
   return [e for e in run.events if e["event"] == kind]
 
 
-def _final_error(run: Run | None, column: str) -> str:
-  if run is None:
+def _final_error(runs: Sequence[Run], column: str) -> str:
+  """The runs' final `column` error: mean ± std over the completed ones, "(k of n)" after it
+  when some did not complete; with none completed, their statuses."""
+  if not runs:
     return "-"
-  if run.summary is None:
-    return "pending"  # results.PENDING, spelled out: results imports this module.
-  value = getattr(run.summary, column)
-  if run.summary.status != reporting.COMPLETED or not math.isfinite(value):
-    return run.summary.status
-  return f"{100 * value:.2f}"
+  errors = [getattr(r.summary, column) for r in runs if r.summary is not None
+            and r.summary.status == reporting.COMPLETED
+            and math.isfinite(getattr(r.summary, column))]
+  if not errors:
+    return "/".join(dict.fromkeys(r.summary.status if r.summary else results.PENDING
+                                  for r in runs))
+  text = results.mean_std_percent(errors)
+  return text if len(errors) == len(runs) else f"{text} ({len(errors)} of {len(runs)})"
 
 
 # --- Loss landscapes (landscape.py): the line from initialisation, the surface around a point. ---

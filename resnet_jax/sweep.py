@@ -16,7 +16,9 @@ its fields in order: `depth=56,skip=false,lr=0.1`. The README's "Sweeps" section
     dies gets SIGTERM from the kernel (Linux). A whole sweep locks its workdir (lock.py).
   ... --list             Prints "index name", one line per point; runs nothing.
   ... --point_index=i    Runs point i only (a worker process; exit code 75 if it was preempted).
-  ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table.
+  ... --report           Re-reads the points' summaries, rewrites results.csv, prints the table;
+                         for a sweep over `seed`, then the mean ± std over each group of points
+                         that differ only in their seed, beside the paper's Table 6 on CIFAR-10.
   ... --plot             As --report, and writes the figures (resnet_jax/plots.py).
   ... --launch=slurm [--slurm_time=4:00:00 ...] [--wait]
                          Submits the unfinished points to SLURM as one job array (launch.py;
@@ -119,6 +121,9 @@ def main(argv: list[str]) -> int:
     return (cli.EXIT_PREEMPTED if rows[point_index]["status"] == reporting.PREEMPTED
             else cli.EXIT_OK)
   print(results.format_table(rows))
+  if results.SEED in rows[0]:  # Every swept field is a column.
+    print("\n" + results.format_over_seeds(
+        rows, paper=results.compares_with_paper(sweep[0].config)))
   print(f"results: {os.path.join(workdir, results.RESULTS_FILE)}")
   if _PLOT.value:
     for path in plots.write_sweep_figures(results.load_runs(sweep, workdir), workdir,

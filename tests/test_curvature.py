@@ -16,7 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from resnet_jax import config as config_lib
-from resnet_jax import curvature, data, parallel, plots, reporting, train
+from resnet_jax import checkpoints, curvature, data, parallel, plots, reporting, train
 from tests.test_train import synthetic_trainer, tiny_config
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -101,37 +101,157 @@ def test_hessian_vector_product_matches_central_differences_of_the_gradient():
   np.testing.assert_allclose(product, central, rtol=0, atol=truncation + rounding)
 
 
+def standard_error(values: np.ndarray) -> float:
+  return float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def two_batch_estimates(first: np.ndarray, second: np.ndarray, batch: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """curvature.noise_scale_estimates of each pair of batch gradients [repeats, n]: the |E G_B|^2
+  and B tr Cov(G_B) estimates, float64 [repeats] each."""
+  estimates = [curvature.noise_scale_estimates(float(a @ b), float((a - b) @ (a - b)), batch)
+               for a, b in zip(first, second)]
+  return (np.array([e["grad_sq_norm"] for e in estimates]),
+          np.array([e["trace_cov"] for e in estimates]))
+
+
 def test_noise_scale_estimates_recover_a_linear_regressions_gradient_noise():
   # Per example: loss (x.w - y)^2 / 2 with x ~ N(0, I_d), y = x.w* + noise of variance s2. At
   # w = w* + delta the gradient x (x.delta - noise) has mean G = delta and, by Isserlis,
-  # E[g g^T] = |delta|^2 I + 2 delta delta^T + s2 I: tr(Sigma) = (d + 1)|delta|^2 + d s2.
-  d, s2, big, parts, repeats = 10, 1.0, 64, 4, 4000
+  # E[g g^T] = |delta|^2 I + 2 delta delta^T + s2 I: tr(Sigma) = (d + 1)|delta|^2 + d s2. The
+  # examples are independent: E G_B = G and B tr Cov(G_B) = tr(Sigma).
+  d, s2, batch, repeats = 10, 1.0, 16, 4000
   rng = np.random.default_rng(0)
   delta = rng.normal(size=d)
   delta /= np.linalg.norm(delta)  # |G|^2 = 1.
   true_trace = (d + 1) + d * s2
-  x = rng.normal(size=(repeats, big, d))
-  noise = rng.normal(scale=np.sqrt(s2), size=(repeats, big))
-  per_example = x * (x @ delta - noise)[..., None]  # [repeats, big, d]
-  big_sq = np.sum(per_example.mean(1) ** 2, -1)
-  small_sq = np.sum(per_example.reshape(repeats, parts, big // parts, d).mean(2) ** 2,
-                    -1).mean(1)
-  estimates = [curvature.noise_scale_estimates(b, s, big, big // parts)
-               for b, s in zip(big_sq, small_sq)]
-  grad_sq = np.array([e["grad_sq_norm"] for e in estimates])
-  trace = np.array([e["trace_cov"] for e in estimates])
+  x = rng.normal(size=(2, repeats, batch, d))
+  noise = rng.normal(scale=np.sqrt(s2), size=(2, repeats, batch))
+  batch_grads = np.mean(x * (x @ delta - noise)[..., None], axis=2)  # [2, repeats, d]
+  grad_sq, trace = two_batch_estimates(*batch_grads, batch)
 
   # Both estimates are unbiased: their means over independent repeats lie within 4 standard
   # errors of the truth (a normal deviate passes 4 sigma with probability 6e-5).
-  def standard_error(values):
-    return values.std(ddof=1) / np.sqrt(repeats)
-
   assert abs(grad_sq.mean() - 1.0) < 4 * standard_error(grad_sq)
   assert abs(trace.mean() - true_trace) < 4 * standard_error(trace)
   # The ratio of the means (McCandlish et al.'s ratio of averages), by the delta method.
   ratio = trace.mean() / grad_sq.mean()
   ratio_terms = (trace - ratio * grad_sq) / grad_sq.mean()
   assert abs(ratio - true_trace / 1.0) < 4 * standard_error(ratio_terms)
+
+
+# --- The noise scale with BatchNorm, on a linear model whose BN couples a batch's examples. ---
+
+# x ~ N(MEAN, COV) in R^3, y = x.TARGET + N(0, NOISE^2); the model regresses y on x through a
+# BatchNorm over the batch that only normalises: f = w.BN(x V) + c, loss (f - y)^2 / 2.
+MEAN = np.array([1.0, -0.5, 2.0])
+COV = np.array([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]])
+TARGET = np.array([0.5, -1.0, 0.3])
+NOISE = 0.5
+BN_EPS = 1e-5
+BATCH, PARTS = 32, 4
+
+
+def regression_params() -> dict:
+  """Parameters 0.1 off a minimum of the population loss, in fixed directions: float64.
+
+  The minimum: V's first column TARGET, w = (|TARGET|_COV, 0) undoes BN's scale, c = TARGET.MEAN
+  its centring."""
+  scale = np.sqrt(TARGET @ COV @ TARGET + BN_EPS)
+  kernel = np.c_[TARGET, [0.2, 0.7, -0.4]] + 0.1 * np.array([[1.0, -0.5], [0.5, 1.0], [-1.0, 0.5]])
+  head = np.array([scale, 0.0]) + 0.1 * np.array([1.0, -1.0])
+  return {"kernel": kernel, "head": head, "bias": np.array(TARGET @ MEAN + 0.1)}
+
+
+def regression_batches(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """count batches of BATCH examples: x float64 [count, BATCH, 3], y [count, BATCH]."""
+  rng = np.random.default_rng(seed)
+  x = rng.multivariate_normal(MEAN, COV, size=(count, BATCH))
+  return x, x @ TARGET + NOISE * rng.normal(size=(count, BATCH))
+
+
+def regression_losses(params: dict, x, y) -> jax.Array:
+  """Each example's loss, BN over the batch x [B, 3]: [B]."""
+  h = x @ params["kernel"]
+  h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + BN_EPS)
+  return (h @ params["head"] + params["bias"] - y) ** 2 / 2
+
+
+def regression_gradients(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
+                         ) -> np.ndarray:
+  """The gradients of batches' losses by jax.grad in float64 (x64 on): x [..., B, 3], y [..., B]
+  -> [..., 9]. With weights [P, B] (rows summing to 1), those of the P weighted means of each
+  batch's example losses -> [..., P, 9]."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, regression_params())
+
+    def gradient(x, y, w):
+      return ravel_pytree(jax.grad(lambda p: regression_losses(p, x, y) @ w)(params))[0]
+
+    if weights is None:
+      fn = lambda x, y: gradient(x, y, jnp.full(x.shape[0], 1 / x.shape[0]))
+    else:
+      fn = lambda x, y: jax.vmap(gradient, in_axes=(None, None, 0))(x, y, jnp.asarray(weights))
+    lead = x.shape[:-2]
+    out = jax.jit(jax.vmap(fn))(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, y.shape[-1]))
+    return np.asarray(out).reshape(*lead, *out.shape[1:])
+
+
+@pytest.fixture(scope="module")
+def bn_truth() -> dict:
+  """|E G_B|^2 and B tr Cov(G_B) of the model's batch gradient at BATCH, with their standard
+  errors, by float64 Monte Carlo over n = 20,000 independent batches: the mean gradient's
+  squared norm less its own noise tr Cov(G_B) / n (its error by the delta method), and B times
+  the batches' variance."""
+  grads = regression_gradients(*regression_batches(1, 20_000))
+  n, mean = len(grads), grads.mean(0)
+  spread = np.sum((grads - mean) ** 2, -1) * n / (n - 1)  # Mean: tr Cov(G_B), unbiased.
+  return {"grad_sq": mean @ mean - spread.mean() / n,
+          "grad_sq_se": standard_error(2 * grads @ mean),
+          "trace": BATCH * spread.mean(), "trace_se": BATCH * standard_error(spread)}
+
+
+def within(estimates: np.ndarray, truth: float, truth_se: float, sigmas: float = 4) -> bool:
+  """Whether the mean of independent `estimates` lies within `sigmas` standard errors (the
+  estimates' and the truth's together) of `truth`."""
+  return abs(estimates.mean() - truth) < sigmas * np.hypot(standard_error(estimates), truth_se)
+
+
+def test_noise_scale_of_two_batches_is_unbiased_with_batchnorm(bn_truth):
+  grad_sq, trace = two_batch_estimates(
+      *regression_gradients(*regression_batches(2, 2 * 4000)).reshape(2, 4000, -1), BATCH)
+  # Unbiased whatever BN does inside a batch (curvature.noise_scale_estimates): the means over
+  # independent repeats lie within 4 standard errors of the Monte Carlo's (a normal deviate
+  # passes 4 sigma with probability 6e-5).
+  assert within(grad_sq, bn_truth["grad_sq"], bn_truth["grad_sq_se"])
+  assert within(trace, bn_truth["trace"], bn_truth["trace_se"])
+  assert grad_sq.mean() > 10 * standard_error(grad_sq)  # Positive by many standard errors.
+  assert trace.min() > 0
+
+
+def parts_estimates(big: np.ndarray, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The estimator this replaced, from a batch's gradient big [n, 9] and its parts' [n, P, 9]:
+  E|G_b|^2 = |G|^2 + tr(Sigma)/b for independent examples at b = BATCH and BATCH / PARTS,
+  solved for |G|^2 and tr(Sigma) = B tr Cov(G_B)."""
+  small, big_sq, small_sq = BATCH // PARTS, np.sum(big**2, -1), np.sum(parts**2, -1).mean(-1)
+  return ((BATCH * big_sq - small * small_sq) / (BATCH - small),
+          (small_sq - big_sq) / (1 / small - 1 / BATCH))
+
+
+@pytest.mark.parametrize("statistics", ["each part's own", "the whole batch's"])
+def test_noise_scale_from_a_batch_and_its_parts_is_biased_with_batchnorm(bn_truth, statistics):
+  x, y = regression_batches(3, 4000)
+  big = regression_gradients(x, y)
+  if statistics == "each part's own":  # As a run at the smaller batch trains.
+    parts = regression_gradients(x.reshape(4000, PARTS, -1, 3), y.reshape(4000, PARTS, -1))
+  else:  # The parts' losses in one forward pass of the batch: their mean gradient is the batch's.
+    size = BATCH // PARTS
+    parts = regression_gradients(x, y, np.repeat(np.eye(PARTS) / size, size, axis=1))
+  grad_sq, trace = parts_estimates(big, parts)
+  # With its own statistics a part is another function than the batch's loss; under the batch's,
+  # BN's coupling of two examples counts in |G|^2 instead of the noise. Either misses the noise
+  # by more than twice the bound the two-batch estimate above keeps to.
+  assert not within(trace, bn_truth["trace"], bn_truth["trace_se"], sigmas=8)
 
 
 def optax_sgd_grows(curvature_value: float, lr: float, momentum: float, nesterov: bool) -> bool:
@@ -164,12 +284,8 @@ def test_stability_threshold_is_none_at_a_zero_learning_rate():
     ({"sharpness_top": 5, "sharpness_iters": 3},
      "config.sharpness_top (5) must be at most config.sharpness_iters (3)"),
     ({"sharpness_every": -1}, "config.sharpness_every must be an integer >= 0; got -1"),
-    ({"noise_scale_parts": 1}, "config.noise_scale_parts must be an integer >= 2; got 1"),
     ({"sharpness_every": 10, "sharpness_batch_size": 12},
      "config.sharpness_batch_size (12) must be divisible by the number of devices (8)"),
-    ({"noise_scale_every": 10, "batch_size": 16, "noise_scale_parts": 4},
-     "config.batch_size (16) must split into config.noise_scale_parts (4) equal parts, each "
-     "divisible by the number of devices (8), to measure the noise scale: a multiple of 32"),
 ])
 def test_instrument_settings_that_cannot_run_are_rejected_saying_what_is_allowed(
     overrides, message):
@@ -181,8 +297,16 @@ def test_instrument_settings_that_cannot_run_are_rejected_saying_what_is_allowed
 
 def test_instrument_batch_checks_wait_until_the_instrument_is_on():
   config = config_lib.default_config()
-  config.update({"batch_size": 16, "noise_scale_parts": 4, "sharpness_batch_size": 12})
+  config.update({"sharpness_batch_size": 12})
   config_lib.validate(config, num_devices=8)
+
+
+def test_a_run_recorded_with_noise_scale_parts_resumes_without_it():
+  # The field split the noise scale's batch into parts until the instrument took two batches.
+  current = config_lib.default_config()
+  stored = {**current.to_dict(), "noise_scale_parts": 4}
+  assert checkpoints.config_mismatches(stored, current) == []
+  assert "noise_scale_parts" not in config_lib.upgrade_recorded(stored)
 
 
 def test_a_source_without_measurement_batches_refuses_before_measuring():
@@ -200,7 +324,7 @@ def test_a_streamed_run_with_an_instrument_is_refused_before_its_workdir_exists(
                           num_train=24, num_eval=24, mean=(0.5,) * 3, std=(0.25,) * 3)
   monkeypatch.setattr(data, "check_prepared", lambda cfg: None)
   monkeypatch.setattr(data, "dataset_info", lambda cfg: info)
-  config = tiny_config("", noise_scale_every=2, noise_scale_parts=2,
+  config = tiny_config("", noise_scale_every=2,
                        **{"dataset.name": "imagenet2012", "model.name": "resnet18"})
   with pytest.raises(config_lib.ConfigError, match="must be 0 for imagenet2012"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -215,7 +339,7 @@ def test_instruments_record_at_their_steps_and_a_resumed_run_records_the_same(
   # initialisation (about -57 here, against a top eigenvalue of about 6); 4 may not yet reach a
   # positive Ritz value.
   config = tiny_config(prepared_data_dir, sharpness_every=2, sharpness_top=2, sharpness_iters=8,
-                       noise_scale_every=2, noise_scale_parts=2, **{"model.width": 0.25})
+                       noise_scale_every=2, **{"model.width": 0.25})
   train.train_and_evaluate(config, workdir)
   straight = reporting.read_metrics(workdir)
   # A crash after the checkpoint of step 2: the rerun resumes there and measures step 4 again.
@@ -239,8 +363,10 @@ def test_instruments_record_at_their_steps_and_a_resumed_run_records_the_same(
     assert e["lr"] == pytest.approx(0.1)
     assert e["threshold"] == pytest.approx(3.8 / 0.1)  # Heavy ball, momentum 0.9.
   for e in noise:
-    assert (e["b_big"], e["b_small"]) == (16, 8)
-    assert 0 < e["grad_sq_norm"] < np.inf and 0 < e["trace_cov"] < np.inf
+    assert e["batch_size"] == 16
+    # One measurement's |E G_B|^2 estimate G1.G2 may take either sign; B |G1 - G2|^2 / 2 is
+    # positive (two batches' gradients differ).
+    assert -np.inf < e["grad_sq_norm"] < np.inf and 0 < e["trace_cov"] < np.inf
     assert e["b_simple"] == pytest.approx(e["trace_cov"] / e["grad_sq_norm"])
   assert records(resumed, reporting.SHARPNESS) == sharpness
   assert records(resumed, reporting.NOISE_SCALE) == noise
@@ -248,7 +374,7 @@ def test_instruments_record_at_their_steps_and_a_resumed_run_records_the_same(
 
 def noise_events(values: list[tuple[float, float]]) -> list[dict]:
   return [{"event": reporting.NOISE_SCALE, "step": 10 * i, "trace_cov": t, "grad_sq_norm": g,
-           "b_simple": t / g, "b_big": 128} for i, (t, g) in enumerate(values)]
+           "b_simple": t / g, "batch_size": 128} for i, (t, g) in enumerate(values)]
 
 
 def test_smoothed_noise_scale_divides_moving_averages_not_single_ratios():
@@ -263,6 +389,8 @@ def test_smoothed_noise_scale_divides_moving_averages_not_single_ratios():
 def test_instrument_figures_are_drawn_for_the_runs_that_recorded_them(tmp_path):
   def run(depth, skip, sharpness):
     events = noise_events([(100.0 * (i + 1), 1.0) for i in range(5)])
+    if not skip:  # As the estimator from a batch and its parts recorded them.
+      events = [{"b_big" if k == "batch_size" else k: v for k, v in e.items()} for e in events]
     events += [{"event": reporting.SHARPNESS, "step": 10 * i, "sharpness": sharpness * (i + 1),
                 "eigenvalues": [sharpness * (i + 1)], "lr": 0.1, "threshold": 38.0}
                for i in range(5)]

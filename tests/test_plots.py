@@ -107,6 +107,22 @@ def test_ablation_table_shows_a_run_without_a_summary_as_pending():
       "| 56 | pending | pending | 2.00 | 7.00 |")
 
 
+def test_ablation_table_of_several_seeds_shows_mean_and_std_of_the_completed_runs():
+  def seed_run(depth, skip, seed, test_error, status="completed"):
+    run = fake_run(depth, skip, train_error=0.01 * (seed + 1), test_error=test_error,
+                   status=status)
+    return dataclasses.replace(run, fields={**run.fields, "seed": seed})
+  # ResNet-20 test 8.5, 9.0, 8.8%: mean 8.77, sample std 0.25; train 1, 2, 3%: 2.00 ± 1.00.
+  # Plain-20 with seed 2 diverged: test 10.0 and 10.4%, 10.20 ± 0.28 (2 of 3).
+  runs = [seed_run(20, True, 0, 0.085), seed_run(20, True, 1, 0.090),
+          seed_run(20, True, 2, 0.088), seed_run(20, False, 0, 0.100),
+          seed_run(20, False, 1, 0.104), seed_run(20, False, 2, float("nan"), "diverged")]
+  lines = plots.ablation_table(runs, dataset="cifar10").splitlines()
+  assert lines[0].startswith("Final error (%) on cifar10, mean ± std over up to 3 runs:")
+  assert lines[4] == ("| 20 | 1.50 ± 0.71 (2 of 3) | 10.20 ± 0.28 (2 of 3) | 2.00 ± 1.00 | "
+                      "8.77 ± 0.25 | 8.75 |")
+
+
 def test_write_sweep_figures_writes_curves_table_and_gradient_flow(tmp_path):
   paths = plots.write_sweep_figures(ablation_runs(diagnostics=True), str(tmp_path),
                                     dataset="fashion_mnist")
