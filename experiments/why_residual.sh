@@ -4,22 +4,30 @@
 #      recording sharpness, gradient noise scale and gradient flow, and its plots;
 #   2. the loss landscape of each of its 4 runs (21x21 surface on 256 training images), and plain
 #      beside residual at depth 20 and at depth 56 (compare.png);
-#   3. configs/sweeps/lr_depth_fashion_mnist.py: the lr x depth trainability map, and its plots.
-# Usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR]
+#   3. configs/sweeps/lr_depth_fashion_mnist.py: the lr x depth trainability map, and its plots;
+#   4. configs/sweeps/edge_of_stability_fashion_mnist.py: full-batch gradient descent on 5,000
+#      images, plain and residual ResNet-20 at two lrs, sharpness against 2/lr, and its plots.
+# Usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]
+# PARTS (default "1 2 3 4") picks the parts: `... OUT_DIR runs "1 2"` runs the first two.
 # runs in RUNS_DIR (default runs/, where the configs' own commands run them) and copies the small
-# result files (csv, md, png, npz; no checkpoints) to OUT_DIR/why_residual_fashion_mnist and
-# OUT_DIR/lr_depth_fashion_mnist. Run it again to resume: the sweeps skip their finished points,
+# result files (csv, md, png, npz; no checkpoints) to OUT_DIR/<the sweep's name>. Run it again to resume: the sweeps skip their finished points,
 # a run's landscape is kept once computed. Both sweeps share a persistent compilation cache
 # (RUNS_DIR/xla_cache unless JAX_COMPILATION_CACHE_DIR says otherwise).
 # Measured in parts on the 2-core AMD CPU while other jobs shared it: the first sweep 16 minutes,
 # each landscape 50-170 s, the map 25 minutes (an estimated 10-15 idle); about 45 minutes in all.
 set -eu -o pipefail
-usage="usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR]"
+usage="usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]"
 out=${1:?$usage}
 runs=${2:-runs}
+parts=" ${3:-1 2 3 4} "
+# Whether part $1 is to run.
+want() {
+  [[ $parts == *" $1 "* ]]
+}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$runs/xla_cache}
 why=$runs/why_residual_fashion_mnist
 map=$runs/lr_depth_fashion_mnist
+eos=$runs/edge_of_stability_fashion_mnist
 
 # Copies the csv, md, png and npz files under directory $1 (not its checkpoints or TensorBoard
 # events) into directory $2, keeping their paths relative to $1.
@@ -43,23 +51,34 @@ sweep_and_plot() {
 
 python -m resnet_jax.prepare fashion_mnist 2>&1 | tail -1
 
-echo "== 1. configs/sweeps/why_residual_fashion_mnist.py ($SECONDS s so far)"
-sweep_and_plot why_residual_fashion_mnist "$why" 6
+if want 1; then
+  echo "== 1. configs/sweeps/why_residual_fashion_mnist.py ($SECONDS s so far)"
+  sweep_and_plot why_residual_fashion_mnist "$why" 6
+fi
 
-echo "== 2. loss landscapes ($SECONDS s so far)"
-for depth in 20 56; do
-  for skip in false true; do
-    run=$why/depth=$depth,skip=$skip
-    if [[ ! -f $run/landscape/landscape.npz ]]; then
-      python -m resnet_jax.landscape --workdir="$run" --grid=21 --examples=256 2>&1 | tail -1
-    fi
+if want 2; then
+  echo "== 2. loss landscapes ($SECONDS s so far)"
+  for depth in 20 56; do
+    for skip in false true; do
+      run=$why/depth=$depth,skip=$skip
+      if [[ ! -f $run/landscape/landscape.npz ]]; then
+        python -m resnet_jax.landscape --workdir="$run" --grid=21 --examples=256 2>&1 | tail -1
+      fi
+    done
+    # --compare is a comma-separated list (read as CSV) and the runs' names hold commas.
+    python -m resnet_jax.landscape --out="$why/compare_depth=$depth" \
+        --compare="\"$why/depth=$depth,skip=false\",\"$why/depth=$depth,skip=true\"" 2>&1 | tail -1
   done
-  # --compare is a comma-separated list (read as CSV) and the runs' names hold commas.
-  python -m resnet_jax.landscape --out="$why/compare_depth=$depth" \
-      --compare="\"$why/depth=$depth,skip=false\",\"$why/depth=$depth,skip=true\"" 2>&1 | tail -1
-done
-copy_results "$why" "$out/why_residual_fashion_mnist"
+  copy_results "$why" "$out/why_residual_fashion_mnist"
+fi
 
-echo "== 3. configs/sweeps/lr_depth_fashion_mnist.py ($SECONDS s so far)"
-sweep_and_plot lr_depth_fashion_mnist "$map" 22
+if want 3; then
+  echo "== 3. configs/sweeps/lr_depth_fashion_mnist.py ($SECONDS s so far)"
+  sweep_and_plot lr_depth_fashion_mnist "$map" 22
+fi
+
+if want 4; then
+  echo "== 4. configs/sweeps/edge_of_stability_fashion_mnist.py ($SECONDS s so far)"
+  sweep_and_plot edge_of_stability_fashion_mnist "$eos" 6
+fi
 echo "== done in $SECONDS s: $out"

@@ -11,6 +11,11 @@ Two instruments for "why residual nets train with SGD":
   eigenvalues come from Lanczos iteration with full reorthogonalisation (`lanczos`,
   `top_ritz_values`) on Hessian-vector products computed forward-over-reverse
   (`hessian_vector_product`): each costs about two gradients, and the Hessian is never formed.
+  The largest Ritz value is a lower bound on the largest eigenvalue, and Lanczos resolves first
+  the end of the spectrum that stands furthest out: when large negative eigenvalues dominate, as
+  at a plain net's initialisation, a few iterations resolve that end and the "top" Ritz value
+  stays below the positive end, even below zero. `ritz_bounds` says how far each Ritz value can
+  be from an eigenvalue, and the smallest Ritz value shows which end dominates.
 - **The simple noise scale** B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, "An Empirical Model
   of Large-Batch Training", Appendix A; G the expected gradient, Σ the per-example gradients'
   covariance): about the batch size beyond which a larger batch stops buying a proportionally
@@ -59,7 +64,7 @@ def hessian_vector_product(loss: Callable[[Any], jax.Array], params: Any,
 
 
 def lanczos(matvec: Callable[[jax.Array], jax.Array], start: jax.Array,
-            num_iters: int) -> tuple[np.ndarray, np.ndarray]:
+            num_iters: int) -> tuple[np.ndarray, np.ndarray, float]:
   """The tridiagonal matrix T of `num_iters` Lanczos steps, with full reorthogonalisation.
 
   A Python loop: one call of `matvec` per step (pass a jitted one), then one compiled update of
@@ -73,9 +78,11 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], start: jax.Array,
     num_iters: steps, i.e. calls of `matvec`: at least 1.
 
   Returns:
-    (alphas float64 [m], betas float64 [m - 1]), T's diagonal and off-diagonal: T = QᵀAQ for the
-    orthonormal basis Q [n, m] of the Krylov space of `start`. m = num_iters, or fewer when that
-    space closes first (it is then invariant under A, and T's eigenvalues are A's, exactly).
+    (alphas float64 [m], betas float64 [m - 1], residual), T's diagonal and off-diagonal: T =
+    QᵀAQ for the orthonormal basis Q [n, m] of the Krylov space of `start`. m = num_iters, or
+    fewer when that space closes first (it is then invariant under A, and T's eigenvalues are
+    A's, exactly). `residual` is the norm of what A q_m has outside the space (β_m; 0.0 when it
+    closed), for ritz_bounds.
   """
   basis = _first_basis(start, num_iters)
   alphas, betas, scale = [], [], 0.0
@@ -83,10 +90,11 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], start: jax.Array,
     alpha, beta, basis = _extend(basis, j, matvec(basis[j]))
     alphas.append(float(alpha))
     scale = max(scale, abs(alphas[-1]), float(beta))
-    if j + 1 == num_iters or float(beta) <= BREAKDOWN * scale:
-      break
+    closed = float(beta) <= BREAKDOWN * scale
+    if closed or j + 1 == num_iters:
+      return np.array(alphas), np.array(betas), 0.0 if closed else float(beta)
     betas.append(float(beta))
-  return np.array(alphas), np.array(betas)
+  raise ValueError(f"num_iters must be at least 1; got {num_iters}")
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -118,6 +126,18 @@ def top_ritz_values(alphas: np.ndarray, betas: np.ndarray, k: int) -> np.ndarray
   """
   tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
   return np.linalg.eigvalsh(tridiagonal)[::-1][:k]
+
+
+def ritz_bounds(alphas: np.ndarray, betas: np.ndarray, residual: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """T's eigenvalues (the Ritz values, descending) and for each a bound on its distance to the
+  nearest eigenvalue of A: residual * |last entry of its eigenvector of T| (the norm of A y - θ y
+  for its Ritz vector y; Parlett, "The Symmetric Eigenvalue Problem", 13.2), in exact arithmetic.
+  A small bound says the Ritz value is an eigenvalue of A, not which: the top one may have
+  converged to an eigenvalue below the largest."""
+  tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+  values, vectors = np.linalg.eigh(tridiagonal)
+  return values[::-1], (residual * np.abs(vectors[-1]))[::-1]
 
 
 def stability_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False

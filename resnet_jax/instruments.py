@@ -78,19 +78,25 @@ def measure_sharpness(config: ml_collections.ConfigDict, programs: dict[str, Any
   training examples, the same ones at every measurement (drawn by the seed's SHARPNESS_STREAM
   alone, whatever the step). Lanczos (curvature.lanczos) makes config.sharpness_iters
   Hessian-vector products, starting from a direction drawn for `state.step`. The event has the
-  top one ("sharpness"), all of them, descending ("eigenvalues": fewer only when the Krylov
-  space closes first), and the optimiser's stability threshold at `lr` ("threshold").
+  top Ritz value ("sharpness"), the top ones, descending ("eigenvalues": fewer only when the
+  Krylov space closes first), how far each may be from an eigenvalue ("bounds",
+  curvature.ritz_bounds), the smallest Ritz value ("lowest": when it is far larger in size than
+  the top one, the negative end dominates and the top one is a loose lower bound), and the
+  optimiser's stability threshold at `lr` ("threshold").
   """
   batch, start = programs["inputs"](state, source.measure_inputs())
   product = lambda tangent: programs["hvp"](state.params, state.batch_stats, batch, tangent)
-  alphas, betas = curvature.lanczos(product, start, config.sharpness_iters)
-  eigenvalues = [float(v) for v in curvature.top_ritz_values(alphas, betas,
-                                                             config.sharpness_top)]
+  values, bounds = curvature.ritz_bounds(*curvature.lanczos(product, start,
+                                                             config.sharpness_iters))
+  top = config.sharpness_top
+  eigenvalues = [float(v) for v in values[:top]]
   opt = config.optimizer
   # LARS rescales each layer's step by its own trust ratio: no one threshold in η applies.
   threshold = (curvature.stability_threshold(lr, opt.momentum, opt.nesterov)
                if opt.name == "sgd" else None)
-  return {"sharpness": eigenvalues[0], "eigenvalues": eigenvalues, "threshold": threshold}
+  return {"sharpness": eigenvalues[0], "eigenvalues": eigenvalues,
+          "bounds": [float(b) for b in bounds[:top]], "lowest": float(values[-1]),
+          "threshold": threshold}
 
 
 def noise_scale_programs(config: ml_collections.ConfigDict, source: sources.Source, loss: Loss,

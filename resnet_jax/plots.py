@@ -34,6 +34,7 @@ ABLATION_TABLE_FILE = "ablation_table.md"
 GRADIENT_FLOW_FILE = "gradient_flow.png"
 SHARPNESS_FILE = "sharpness.png"
 NOISE_SCALE_FILE = "noise_scale.png"
+EDGE_OF_STABILITY_FILE = "edge_of_stability.png"
 # The noise scale's estimates are averaged over measurements with this decay per measurement
 # (about the last 1 / (1 - decay) = 10 of them) before dividing (smoothed_noise_scale).
 NOISE_SCALE_EMA = 0.9
@@ -75,6 +76,9 @@ def write_sweep_figures(runs: Sequence[Run], out_dir: str, *, dataset: str) -> l
     if any(_events(r, kind) for r in runs):
       paths.append(os.path.join(out_dir, name))
       plot(runs, paths[-1])
+  if any(_events(r, reporting.SHARPNESS) and "lr" in r.fields for r in runs):
+    paths.append(os.path.join(out_dir, EDGE_OF_STABILITY_FILE))
+    plot_edge_of_stability(runs, paths[-1])
   return paths
 
 
@@ -290,6 +294,57 @@ def plot_sharpness(runs: Sequence[Run], path: str) -> None:
   ax.set_ylabel("top eigenvalue of the training-loss Hessian")
   ax.grid(alpha=0.3, which="both")
   ax.legend(title="bold: sharpness, thin: stability threshold", fontsize="small")
+  fig.savefig(path, dpi=120)
+
+
+def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
+  """Cohen et al.'s (ICLR 2021) figure: one column per learning rate (the runs' `lr` field), the
+  training loss at each logged step above, the sharpness below with the stability threshold at
+  that lr drawn across (2/η for gradient descent). At the edge of stability the sharpness rises
+  to the threshold and hovers there while the loss keeps falling, not monotonically. Plain nets
+  dashed, residual nets solid.
+
+  Raises:
+    ValueError: when no run that sets `lr` recorded sharpness.
+  """
+  recorded = [r for r in runs if _events(r, reporting.SHARPNESS) and "lr" in r.fields]
+  if not recorded:
+    raise ValueError("no run of a sweep over lr recorded sharpness events: set "
+                     "config.sharpness_every > 0 and sweep lr")
+  lrs = sorted({r.fields["lr"] for r in recorded})
+  # One colour per net (every field but lr), the same in every column.
+  nets = list(dict.fromkeys(tuple((k, v) for k, v in r.fields.items() if k != "lr")
+                            for r in recorded))
+  colours = {net: matplotlib.colormaps["tab10"](i % 10) for i, net in enumerate(nets)}
+  fig = Figure(figsize=(5 * len(lrs), 6.5), layout="constrained")
+  axes = fig.subplots(2, len(lrs), squeeze=False, sharex="col")
+  for column, lr in enumerate(lrs):
+    loss_ax, sharp_ax = axes[0, column], axes[1, column]
+    for run in (r for r in recorded if r.fields["lr"] == lr):
+      fields = {k: v for k, v in run.fields.items() if k != "lr"}
+      style = dict(color=colours[tuple(fields.items())],
+                   linestyle="--" if fields.get("skip") is False else "-")
+      label = ({True: "residual", False: "plain"}[fields["skip"]] if list(fields) == ["skip"]
+               else run_label(fields))
+      train = [(e["step"], e["loss"]) for e in _events(run, reporting.TRAIN)]
+      if train:
+        loss_ax.plot(*zip(*train), linewidth=1.2, label=label, **style)
+      events = _events(run, reporting.SHARPNESS)
+      sharp_ax.plot([e["step"] for e in events], [e["sharpness"] for e in events], marker="o",
+                    markersize=3, linewidth=1.5, label=label, **style)
+      thresholds = {e["threshold"] for e in events if e["threshold"] is not None}
+      for threshold in thresholds:
+        sharp_ax.axhline(threshold, color="0.3", linewidth=0.8, linestyle=":")
+        sharp_ax.text(0.01, threshold, f"stability threshold {threshold:.3g}", fontsize="small",
+                      transform=sharp_ax.get_yaxis_transform(), va="bottom", color="0.3")
+    loss_ax.set_title(f"lr {lr}")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_yscale("log")
+    loss_ax.grid(alpha=0.3, which="both")
+    loss_ax.legend(fontsize="small")
+    sharp_ax.set_xlabel("iterations")
+    sharp_ax.set_ylabel("sharpness (top Hessian eigenvalue)")
+    sharp_ax.grid(alpha=0.3)
   fig.savefig(path, dpi=120)
 
 

@@ -37,7 +37,7 @@ def random_start(n: int, seed: int = 1) -> jax.Array:
 @pytest.mark.numerics
 def test_lanczos_over_the_whole_space_finds_a_quadratics_top_eigenvalues():
   eigenvalues = np.geomspace(100.0, 0.1, 40)
-  alphas, betas = curvature.lanczos(quadratic_operator(eigenvalues), random_start(40), 40)
+  alphas, betas, _ = curvature.lanczos(quadratic_operator(eigenvalues), random_start(40), 40)
   top = curvature.top_ritz_values(alphas, betas, 3)
 
   # With n steps in n dimensions T is similar to A. What separates them is float32 rounding of
@@ -49,11 +49,35 @@ def test_lanczos_over_the_whole_space_finds_a_quadratics_top_eigenvalues():
 def test_lanczos_stops_when_the_krylov_space_closes_and_its_eigenvalues_are_exact():
   # Three distinct eigenvalues: the Krylov space of any start has dimension 3.
   eigenvalues = np.array([10.0] + [4.0] * 5 + [1.0] * 194)
-  alphas, betas = curvature.lanczos(quadratic_operator(eigenvalues), random_start(200), 20)
+  alphas, betas, residual = curvature.lanczos(quadratic_operator(eigenvalues),
+                                              random_start(200), 20)
 
-  assert len(alphas) == 3 and len(betas) == 2
+  assert len(alphas) == 3 and len(betas) == 2 and residual == 0.0
   top = curvature.top_ritz_values(alphas, betas, 5)
   np.testing.assert_allclose(top, [10.0, 4.0, 1.0], rtol=0, atol=200 * EPS32 * 10.0)
+
+
+@pytest.mark.numerics
+def test_a_dominant_negative_end_leaves_the_top_ritz_value_below_zero_and_the_bounds_say_so():
+  # The spectrum of a plain net at initialisation, in miniature: large negative eigenvalues and a
+  # small positive end. Lanczos resolves the end that stands furthest out first.
+  eigenvalues = np.concatenate([[2.0, 1.0], -np.geomspace(1000.0, 0.5, 198)])
+  operator = quadratic_operator(eigenvalues)
+  values, bounds = curvature.ritz_bounds(*curvature.lanczos(operator, random_start(200), 20))
+
+  assert len(values) == len(bounds) == 20 and np.all(np.diff(values) <= 0)
+  # Every Ritz value lies within its bound of an eigenvalue (exact arithmetic), give or take the
+  # products' float32 rounding (n eps |A|, as above).
+  slack = 200 * EPS32 * 1000.0
+  distances = np.min(np.abs(values[:, None] - eigenvalues[None, :]), axis=1)
+  assert np.all(distances <= bounds + slack), (distances, bounds)
+  # The negative end has converged; the top Ritz value is below zero though A's largest is 2, and
+  # its bound is wide: it has not converged to any eigenvalue.
+  assert abs(values[-1] + 1000.0) <= bounds[-1] + slack and bounds[-1] < 1.0
+  assert values[0] < 0 and bounds[0] > 2.0 - values[0] > 2.0
+  # Lanczos over the whole space finds the positive end, with a bound of rounding only.
+  values, bounds = curvature.ritz_bounds(*curvature.lanczos(operator, random_start(200), 200))
+  assert abs(values[0] - 2.0) <= slack and bounds[0] <= slack
 
 
 class TinyNet(nn.Module):
@@ -360,8 +384,11 @@ def test_instruments_record_at_their_steps_and_a_resumed_run_records_the_same(
     # The largest is positive (cross-entropy's Gauss-Newton part is positive semi-definite and
     # dominates the top); the next Ritz value may still be of either sign.
     assert 0 < e["sharpness"] < np.inf and -np.inf < e["eigenvalues"][1] <= e["sharpness"]
+    assert len(e["bounds"]) == 2 and all(0 <= b < np.inf for b in e["bounds"])
+    assert e["lowest"] <= e["eigenvalues"][1]
     assert e["lr"] == pytest.approx(0.1)
     assert e["threshold"] == pytest.approx(3.8 / 0.1)  # Heavy ball, momentum 0.9.
+  assert sharpness[0]["lowest"] < 0  # BN's negative curvature at initialisation.
   for e in noise:
     assert e["batch_size"] == 16
     # One measurement's |E G_B|^2 estimate G1.G2 may take either sign; B |G1 - G2|^2 / 2 is

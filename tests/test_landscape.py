@@ -101,6 +101,44 @@ def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_
                                                   jax.tree.leaves(again)))
 
 
+def test_surface_directions_are_orthogonal_filter_by_filter_and_keep_the_filter_norms():
+  # Small filters (a 3x3 conv over 2 channels has 18 dimensions) make independent draws far from
+  # orthogonal: a cosine of about 1/sqrt(18) = 0.24 each.
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": rng.normal(size=(3, 3, 2, 16)).astype(np.float32)},
+            "dense": {"kernel": rng.normal(size=(16, 10)).astype(np.float32),
+                      "bias": np.ones(10, np.float32)}}
+  variables = {"params": params, "batch_stats": {"mean": np.ones(16, np.float32)}}
+  first, second = landscape.random_directions(3, variables)
+
+  kernels = [("conv", "kernel"), ("dense", "kernel")]
+  for module, leaf in kernels:
+    p = params[module][leaf]
+    a, b = (np.asarray(d["params"][module][leaf], np.float64) for d in (first, second))
+    axes = tuple(range(p.ndim - 1))
+    norm = lambda x, axes=axes: np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=axes))
+    # Exactly orthogonal before each element's rounding to float32 (at most eps/2 of it), so
+    # |a.b| <= eps |a| |b| after it.
+    cosines = np.sum(a * b, axis=axes) / (norm(a) * norm(b))
+    assert np.all(np.abs(cosines) <= EPS), (module, cosines)
+    for d in (a, b):
+      np.testing.assert_allclose(norm(d), norm(p), rtol=EPS)
+  assert not np.any(second["params"]["dense"]["bias"])
+  assert not np.any(second["batch_stats"]["mean"])
+  # The first direction is the first draw, only normalised; the second's draw is not orthogonal
+  # to it, filter by filter.
+  draws = np.random.default_rng(3)
+  drawn = [jax.tree.map(lambda x: draws.standard_normal(np.shape(x), np.float32), params)
+           for _ in range(2)]
+  assert all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(first["params"]), jax.tree.leaves(landscape.filter_normalize(drawn[0],
+                                                                                   params))))
+  raw = np.sum(drawn[0]["conv"]["kernel"] * drawn[1]["conv"]["kernel"], axis=(0, 1, 2))
+  assert np.max(np.abs(raw) / (np.linalg.norm(drawn[0]["conv"]["kernel"].reshape(18, 16), axis=0)
+                              * np.linalg.norm(drawn[1]["conv"]["kernel"].reshape(18, 16),
+                                               axis=0))) > 0.1
+
+
 @pytest.mark.slow
 @pytest.mark.numerics
 def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,

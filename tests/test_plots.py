@@ -184,6 +184,36 @@ def test_write_sweep_figures_of_an_lr_depth_skip_sweep_writes_the_map_not_the_ab
   assert_png(paths[1])
 
 
+def edge_of_stability_runs(sharpness: bool = True) -> list[plots.Run]:
+  """Full-batch runs at two lrs, plain and residual: the loss at every step, the sharpness
+  rising to 2/lr every 10 steps."""
+  runs = []
+  for lr in (0.1, 0.2):
+    for skip in (False, True):
+      events = [{"event": reporting.TRAIN, "step": step, "loss": 2.3 / (1 + step / 10),
+                 "train_error": 0.5} for step in range(1, 51)]
+      if sharpness:
+        events += [{"event": reporting.SHARPNESS, "step": step, "lr": lr, "threshold": 2 / lr,
+                    "sharpness": min(5 + step / 2, 2 / lr), "eigenvalues": [5 + step / 2]}
+                   for step in range(0, 51, 10)]
+      runs.append(plots.Run({"lr": lr, "skip": skip}, None, events))
+  return runs
+
+
+def test_a_sweep_over_lr_with_sharpness_gets_the_edge_of_stability_figure(tmp_path):
+  paths = plots.write_sweep_figures(edge_of_stability_runs(), str(tmp_path),
+                                    dataset="fashion_mnist")
+  assert [os.path.basename(p) for p in paths] == ["error_curves.png", "sharpness.png",
+                                                  "edge_of_stability.png"]
+  assert_png(paths[-1])
+  os.mkdir(tmp_path / "without")
+  without = plots.write_sweep_figures(edge_of_stability_runs(sharpness=False),
+                                      str(tmp_path / "without"), dataset="fashion_mnist")
+  assert [os.path.basename(p) for p in without] == ["error_curves.png"]
+  with pytest.raises(ValueError, match="sharpness_every"):
+    plots.plot_edge_of_stability(edge_of_stability_runs(sharpness=False), str(tmp_path / "e.png"))
+
+
 def write_sweep_workdir(workdir) -> None:
   """A finished two-point sweep on disk, as `python -m resnet_jax.sweep` leaves it."""
   config = ml_collections.ConfigDict({
