@@ -124,8 +124,7 @@ def top_ritz_values(alphas: np.ndarray, betas: np.ndarray, k: int) -> np.ndarray
   They approximate A's largest eigenvalues from below, converging first for the ones best
   separated from the rest; fewer than k when T is smaller.
   """
-  tridiagonal = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-  return np.linalg.eigvalsh(tridiagonal)[::-1][:k]
+  return ritz_bounds(alphas, betas, 0.0)[0][:k]
 
 
 def ritz_bounds(alphas: np.ndarray, betas: np.ndarray, residual: float

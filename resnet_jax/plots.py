@@ -320,6 +320,7 @@ def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
   axes = fig.subplots(2, len(lrs), squeeze=False, sharex="col")
   for column, lr in enumerate(lrs):
     loss_ax, sharp_ax = axes[0, column], axes[1, column]
+    thresholds = set()
     for run in (r for r in recorded if r.fields["lr"] == lr):
       fields = {k: v for k, v in run.fields.items() if k != "lr"}
       style = dict(color=colours[tuple(fields.items())],
@@ -332,11 +333,11 @@ def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
       events = _events(run, reporting.SHARPNESS)
       sharp_ax.plot([e["step"] for e in events], [e["sharpness"] for e in events], marker="o",
                     markersize=3, linewidth=1.5, label=label, **style)
-      thresholds = {e["threshold"] for e in events if e["threshold"] is not None}
-      for threshold in thresholds:
-        sharp_ax.axhline(threshold, color="0.3", linewidth=0.8, linestyle=":")
-        sharp_ax.text(0.01, threshold, f"stability threshold {threshold:.3g}", fontsize="small",
-                      transform=sharp_ax.get_yaxis_transform(), va="bottom", color="0.3")
+      thresholds.update(e["threshold"] for e in events if e["threshold"] is not None)
+    for threshold in thresholds:  # Once per column: the runs at one lr share it.
+      sharp_ax.axhline(threshold, color="0.3", linewidth=0.8, linestyle=":")
+      sharp_ax.text(0.01, threshold, f"stability threshold {threshold:.3g}", fontsize="small",
+                    transform=sharp_ax.get_yaxis_transform(), va="bottom", color="0.3")
     loss_ax.set_title(f"lr {lr}")
     loss_ax.set_ylabel("training loss")
     loss_ax.set_yscale("log")

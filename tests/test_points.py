@@ -19,8 +19,8 @@ def make_sweep(sweep_points, base="configs/fashion_mnist.py",
   return ml_collections.ConfigDict({"base": base, "fixed": fixed or {}, "points": sweep_points})
 
 
-def load_sweep_file(name: str) -> ml_collections.ConfigDict:
-  return points.load_get_config(os.path.join(REPO, "configs", "sweeps", name))()
+def load_sweep_file(name: str, *arg: str) -> ml_collections.ConfigDict:
+  return points.load_get_config(os.path.join(REPO, "configs", "sweeps", name))(*arg)
 
 
 # --- The language ---
@@ -161,6 +161,23 @@ def test_lr_depth_maps_cover_every_lr_depth_and_skip_with_the_lr_slowest(name, l
   assert [(p.config.optimizer.lr, p.config.model.name, p.config.model.skip) for p in sweep] == [
       (lr, f"resnet{d}", s) for lr in lrs for d in depths for s in (False, True)]
   assert {p.config.dataset.name for p in sweep} == {"fashion_mnist"}
+  with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
+    assert f"--config=configs/sweeps/{name}" in f.read()
+
+
+def test_edge_of_stability_sweep_is_full_batch_gradient_descent_at_each_lr_plain_and_residual():
+  name = "edge_of_stability_fashion_mnist.py"
+  sweep = points.expand(load_sweep_file(name, "steps=30,every=5"))
+  assert [(p.config.optimizer.lr, p.config.model.skip) for p in sweep] == [
+      (0.1, False), (0.1, True), (0.2, False), (0.2, True)]
+  for p in sweep:
+    c = p.config
+    # The batch is the whole training subset: every step is one step of gradient descent.
+    assert c.dataset.train_split == "train[:5000]" and c.batch_size == 5000
+    assert (c.dataset.crop_padding, c.dataset.flip) == (0, False)
+    assert (c.optimizer.momentum, c.optimizer.weight_decay, c.optimizer.schedule,
+            c.optimizer.warmup_steps) == (0.0, 0.0, "constant", 0)
+    assert (c.num_steps, c.sharpness_every, c.checkpoint_every) == (30, 5, 5)
   with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
     assert f"--config=configs/sweeps/{name}" in f.read()
 
