@@ -41,9 +41,10 @@ write_config() {
   # claiming four per core lets a sweep's tasks and a multi-task point run at once on a small
   # machine, as they would on a real cluster's many nodes. They share the cores: no cgroups.
   # cred_expire is also how long SLURM holds a requeued job before it may start again: the
-  # default two minutes would dominate the requeue tests; and a job whose hold has passed waits
-  # for the main scheduling loop, every 60 s by default (sched_interval): 5 s each here, where
-  # the tests wait on them (a requeue test took 57 s with 10 and 60, 30 s with 5 and 5).
+  # default two minutes would dominate the requeue tests, and SLURM refuses less than 5. A job
+  # whose hold has passed waits for the main scheduling loop, every 60 s by default
+  # (sched_interval): every second here, where the tests wait on it (a requeue test took 57 s
+  # with cred_expire 10 and sched_interval 60, 30 s with 5 and 5, 23 s with 5 and 1).
   local cpus=$(( $(nproc) * 4 ))
   local memory=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 ))
   cat > "$SLURM_CONF" <<EOF
@@ -74,7 +75,7 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=10
 MinJobAge=60
-SchedulerParameters=sched_interval=5
+SchedulerParameters=sched_interval=1
 NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory State=UNKNOWN
 # Jobs in "urgent" preempt jobs in "debug", which SLURM then requeues, as a cluster does; with no
 # GraceTime, SIGTERM then SIGKILL after KillWait, time enough for a tiny run to checkpoint.
