@@ -139,6 +139,16 @@ def ritz_bounds(alphas: np.ndarray, betas: np.ndarray, residual: float
   return values[::-1], (residual * np.abs(vectors[-1]))[::-1]
 
 
+def negative_end_dominates(top: float, lowest: float) -> bool:
+  """Whether a Lanczos run's lowest Ritz value is larger in size than its top one: then the top
+  one may be a loose lower bound on the largest eigenvalue. Lanczos resolves first the end of
+  the spectrum farthest from the rest; when that is the negative end (plain nets at
+  initialisation), a few iterations can leave the top Ritz value near zero, with a small
+  `ritz_bounds` bound (an eigenvalue is near it, not the largest). A warning, not a proof: with
+  enough iterations the top converges all the same."""
+  return -lowest > top
+
+
 def stability_threshold(lr: float, momentum: float = 0.0, nesterov: bool = False
                         ) -> float | None:
   """The largest curvature on which SGD at learning rate `lr` is stable, on a quadratic.

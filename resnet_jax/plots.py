@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from resnet_jax import diagnostics, reporting, results
+from resnet_jax import curvature, diagnostics, reporting, results
 
 if TYPE_CHECKING:  # landscape.py draws with this module.
   from resnet_jax.landscape import Landscape
@@ -318,6 +318,7 @@ def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
   colours = {net: matplotlib.colormaps["tab10"](i % 10) for i, net in enumerate(nets)}
   fig = Figure(figsize=(5 * len(lrs), 6.5), layout="constrained")
   axes = fig.subplots(2, len(lrs), squeeze=False, sharex="col")
+  any_loose = False
   for column, lr in enumerate(lrs):
     loss_ax, sharp_ax = axes[0, column], axes[1, column]
     thresholds = set()
@@ -333,6 +334,13 @@ def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
       events = _events(run, reporting.SHARPNESS)
       sharp_ax.plot([e["step"] for e in events], [e["sharpness"] for e in events], marker="o",
                     markersize=3, linewidth=1.5, label=label, **style)
+      # Open circles: measurements whose top Ritz value may be a loose lower bound.
+      loose = [e for e in events if "lowest" in e
+               and curvature.negative_end_dominates(e["sharpness"], e["lowest"])]
+      if loose:
+        sharp_ax.plot([e["step"] for e in loose], [e["sharpness"] for e in loose], "o",
+                      markersize=6, markerfacecolor="white", color=style["color"])
+        any_loose = True
       thresholds.update(e["threshold"] for e in events if e["threshold"] is not None)
     for threshold in thresholds:  # Once per column: the runs at one lr share it.
       sharp_ax.axhline(threshold, color="0.3", linewidth=0.8, linestyle=":")
@@ -346,6 +354,9 @@ def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
     sharp_ax.set_xlabel("iterations")
     sharp_ax.set_ylabel("sharpness (top Hessian eigenvalue)")
     sharp_ax.grid(alpha=0.3)
+  if any_loose:
+    fig.suptitle("open circles: the Hessian's negative end dominates; the top Ritz value may be "
+                 "only a lower bound", fontsize="small")
   fig.savefig(path, dpi=120)
 
 

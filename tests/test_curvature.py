@@ -75,9 +75,18 @@ def test_a_dominant_negative_end_leaves_the_top_ritz_value_below_zero_and_the_bo
   # its bound is wide: it has not converged to any eigenvalue.
   assert abs(values[-1] + 1000.0) <= bounds[-1] + slack and bounds[-1] < 1.0
   assert values[0] < 0 and bounds[0] > 2.0 - values[0] > 2.0
+  assert curvature.negative_end_dominates(values[0], values[-1])
   # Lanczos over the whole space finds the positive end, with a bound of rounding only.
   values, bounds = curvature.ritz_bounds(*curvature.lanczos(operator, random_start(200), 200))
   assert abs(values[0] - 2.0) <= slack and bounds[0] <= slack
+
+
+@pytest.mark.parametrize("top, lowest, dominates", [
+    (-0.03, -600.8, True), (0.05, -253.1, True),  # Plain-20 at steps 0 and 2 (the README).
+    (9.5, -6.4, False), (6.09, -6.09, False), (20.0, 0.5, False)])
+def test_negative_end_dominates_where_the_lowest_ritz_value_is_larger_in_size(top, lowest,
+                                                                               dominates):
+  assert curvature.negative_end_dominates(top, lowest) == dominates
 
 
 class TinyNet(nn.Module):

@@ -186,7 +186,7 @@ def test_write_sweep_figures_of_an_lr_depth_skip_sweep_writes_the_map_not_the_ab
 
 def edge_of_stability_runs(sharpness: bool = True) -> list[plots.Run]:
   """Full-batch runs at two lrs, plain and residual: the loss at every step, the sharpness
-  rising to 2/lr every 10 steps."""
+  rising to 2/lr every 10 steps, the plain nets' negative end dominating at step 0."""
   runs = []
   for lr in (0.1, 0.2):
     for skip in (False, True):
@@ -194,7 +194,8 @@ def edge_of_stability_runs(sharpness: bool = True) -> list[plots.Run]:
                  "train_error": 0.5} for step in range(1, 51)]
       if sharpness:
         events += [{"event": reporting.SHARPNESS, "step": step, "lr": lr, "threshold": 2 / lr,
-                    "sharpness": min(5 + step / 2, 2 / lr), "eigenvalues": [5 + step / 2]}
+                    "sharpness": min(5 + step / 2, 2 / lr), "eigenvalues": [5 + step / 2],
+                    "lowest": -600.0 if step == 0 and not skip else -1.0}
                    for step in range(0, 51, 10)]
       runs.append(plots.Run({"lr": lr, "skip": skip}, None, events))
   return runs

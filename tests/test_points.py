@@ -173,13 +173,27 @@ def test_edge_of_stability_sweep_is_full_batch_gradient_descent_at_each_lr_plain
   for p in sweep:
     c = p.config
     # The batch is the whole training subset: every step is one step of gradient descent.
-    assert c.dataset.train_split == "train[:5000]" and c.batch_size == 5000
+    assert c.dataset.train_split == "train[:2000]" and c.batch_size == 2000
     assert (c.dataset.crop_padding, c.dataset.flip) == (0, False)
     assert (c.optimizer.momentum, c.optimizer.weight_decay, c.optimizer.schedule,
             c.optimizer.warmup_steps) == (0.0, 0.0, "constant", 0)
     assert (c.num_steps, c.sharpness_every, c.checkpoint_every) == (30, 5, 5)
+    assert (c.sharpness_batch_size, c.sharpness_iters) == (500, 10)
   with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
     assert f"--config=configs/sweeps/{name}" in f.read()
+
+
+def test_edge_of_stability_sweep_takes_cohens_subset_size_and_one_lr_as_arguments():
+  name = "edge_of_stability_fashion_mnist.py"
+  sweep = points.expand(load_sweep_file(name, "examples=5000,measure=1000,iters=20,lr=0.05"))
+  assert [(p.config.optimizer.lr, p.config.model.skip) for p in sweep] == [
+      (0.05, False), (0.05, True)]
+  for p in sweep:
+    c = p.config
+    assert (c.dataset.train_split, c.batch_size) == ("train[:5000]", 5000)
+    assert (c.sharpness_batch_size, c.sharpness_iters) == (1000, 20)
+  with pytest.raises(config_lib.ConfigError, match="unknown config argument 'subset'"):
+    load_sweep_file(name, "subset=5000")
 
 
 @pytest.mark.parametrize("name, every", [
