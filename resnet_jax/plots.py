@@ -302,7 +302,8 @@ def plot_edge_of_stability(runs: Sequence[Run], path: str) -> None:
   training loss at each logged step above, the sharpness below with the stability threshold at
   that lr drawn across (2/η for gradient descent). At the edge of stability the sharpness rises
   to the threshold and hovers there while the loss keeps falling, not monotonically. Plain nets
-  dashed, residual nets solid.
+  dashed, residual nets solid; open circles mark measurements whose Hessian's negative end
+  dominates (curvature.negative_end_dominates: the top value may be only a lower bound).
 
   Raises:
     ValueError: when no run that sets `lr` recorded sharpness.
