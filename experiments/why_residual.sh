@@ -7,7 +7,8 @@
 #   3. configs/sweeps/lr_depth_fashion_mnist.py: the lr x depth trainability map, and its plots;
 #   4. configs/sweeps/edge_of_stability_fashion_mnist.py: full-batch gradient descent on 2,000
 #      images, plain and residual ResNet-20 at two lrs, sharpness against 2/lr, and its plots;
-#      then experiments/eos_check.py at each run's last checkpoint (eos_check.jsonl).
+#      then experiments/eos_check.py at each of the last three checkpoints of each run
+#      (eos_check.jsonl).
 # Usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]
 # PARTS (default "1 2 3 4") picks the parts: `... OUT_DIR runs "1 2"` runs the first two.
 # runs in RUNS_DIR (default runs/, where the configs' own commands run them) and copies the small
@@ -16,8 +17,8 @@
 # (RUNS_DIR/xla_cache unless JAX_COMPILATION_CACHE_DIR says otherwise).
 # Measured in parts on the 2-core AMD CPU while other jobs shared it: the first sweep 16 minutes,
 # each landscape 50-170 s, the map 25 minutes (an estimated 10-15 idle); about 45 minutes in all.
-# Part 4 alone: the sweep 31.5 minutes (two points at a time), the four checks about 6 minutes
-# (150-175 s each when two ran at once).
+# Part 4 alone: the sweep 31.5 minutes (two points at a time), the twelve checks about 15-20
+# minutes (150-175 s each when two ran at once).
 set -eu -o pipefail
 usage="usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]"
 out=${1:?$usage}
@@ -86,8 +87,10 @@ if want 4; then
   if [[ ! -f $eos/eos_check.jsonl ]]; then
     rm -f "$eos/eos_check.jsonl.part"  # An interrupted pass's lines: checked again.
     for run in "$eos"/lr=*; do
-      python experiments/eos_check.py --workdir="$run" --iters=12 --out="$eos/eos_check.jsonl.part" \
-          | tail -1 | cut -c1-200
+      for checkpoint in "$run"/checkpoints/[0-9]*; do  # The last three the run kept.
+        python experiments/eos_check.py --workdir="$run" --step="${checkpoint##*/}" --iters=12 \
+            --out="$eos/eos_check.jsonl.part" | tail -1 | cut -c1-200
+      done
     done
     mv "$eos/eos_check.jsonl.part" "$eos/eos_check.jsonl"
   fi
