@@ -35,7 +35,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from resnet_jax import checkpoints, curvature, data, landscape, parallel, reporting, sources, steps
+from resnet_jax import checkpoints, curvature, data, landscape, parallel, reporting, sources
 from resnet_jax import trainer as trainer_lib
 from experiments.stream_bench import cpu_model
 
@@ -92,9 +92,9 @@ def check(workdir: str, step: int | None, iters: int) -> dict:
   # Every array an argument, none a closed-over constant: XLA would fold the batch's
   # convolutions into the program at compile time.
   def loss(p, batch):
-    normed = data.normalize(batch["image"], info.mean, info.std,
-                            jnp.dtype(config.model.dtype))
-    return steps.training_loss(p, batch_stats, normed, batch["label"], model=trainer.model)[0]
+    return trainer_lib.batch_loss(p, batch_stats, batch, model=trainer.model,
+                                  mean=tuple(info.mean), std=tuple(info.std),
+                                  dtype=jnp.dtype(config.model.dtype))
 
   loss_at = jax.jit(lambda x, b: loss(unravel(x), b))
   grad_at = jax.jit(lambda x, b: ravel_pytree(jax.grad(loss)(unravel(x), b))[0])

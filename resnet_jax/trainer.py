@@ -290,7 +290,7 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
 
   shapes = jax.eval_shape(create_state, np.int32(config.seed),
                           dict.fromkeys(optim.HYPERPARAMS, np.float32(0)))
-  loss = functools.partial(_batch_loss, model=model, **norm)
+  loss = functools.partial(batch_loss, model=model, **norm)
   measured = {name: instrument.programs(config, source, loss, mesh)
               for name, instrument in instruments.INSTRUMENTS.items()
               if config[instrument.every]}
@@ -320,8 +320,8 @@ def build(config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.s
       instrument_programs=measured, **programs)
 
 
-def _batch_loss(params, batch_stats, batch: dict[str, jax.Array], *, model, mean, std,
-                dtype) -> jax.Array:
+def batch_loss(params, batch_stats, batch: dict[str, jax.Array], *, model, mean, std,
+               dtype) -> jax.Array:
   """steps.training_loss of a batch of uint8 images, as a function of `params` alone: float32
   scalar; BatchNorm's updated statistics are dropped."""
   images = data.normalize(batch["image"], mean, std, dtype)
