@@ -128,7 +128,15 @@ def main() -> int:
                       help="Power iterations (Hessian-vector products).")
   parser.add_argument("--out", default=None, help="A JSON-lines file to append the result to.")
   args = parser.parse_args()
-  line = json.dumps(check(args.workdir, args.step, args.iters))
+  if args.iters < 1:
+    parser.error(f"--iters must be at least 1; got {args.iters}")
+  try:
+    result = check(args.workdir, args.step, args.iters)
+  except (landscape.NotARunError, checkpoints.MissingCheckpointError,
+          checkpoints.DamagedCheckpointError, data.DatasetNotPreparedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  line = json.dumps(result)
   print(line)
   if args.out:
     with open(args.out, "a") as f:
