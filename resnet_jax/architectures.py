@@ -18,8 +18,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 NAME_PREFIX = "resnet"
-# CIFAR ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of n basic blocks.
-CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+# CIFAR ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of n basic blocks. The
+# paper's depths, and ResNet-8 (n = 1), the family's smallest: a quick check of a change, and the
+# test suite's network (a third of ResNet-20's compile and step time).
+CIFAR_DEPTHS = (8, 20, 32, 44, 56, 110, 1202)
 # Blocks per stage for each named ImageNet depth (He et al. 2016, Table 1; ResNet-200 from
 # "Identity Mappings").
 IMAGENET_STAGE_SIZES = {
@@ -135,7 +137,7 @@ class Option:
 
 # Every model option, in config.model's order: its default, and what it may be.
 OPTIONS: dict[str, Option] = {
-    "name": Option("resnet20", check=_name_error),  # The net: resnet20 ... resnet200.
+    "name": Option("resnet20", check=_name_error),  # The net: resnet8 ... resnet200.
     "skip": Option(True),  # False = the plain twin: no shortcut additions, no projections.
     "shortcut": Option("A", SHORTCUTS),  # CIFAR family: "A" (zero-pad) or "B" (1x1 projection).
     "variant": Option("v1.5", VARIANTS),  # ImageNet family: "v1", "v1.5" or "v2".

@@ -415,7 +415,7 @@ def get_model(name: str, *, num_classes: int, **options) -> ResNet:
 
   Args:
     name: CIFAR depths 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200
-      ("resnet20" ... "resnet1202", "resnet18" ... "resnet200").
+      ("resnet8" ... "resnet1202", "resnet18" ... "resnet200").
     num_classes: outputs of the dense head.
     **options: the other model options (architectures.OPTIONS, config.model's fields); those
       left out take their defaults. `dtype` may be a name or a jnp dtype. `variant` picks the

@@ -17,6 +17,7 @@ import pytest
 
 from resnet_jax import checkpoints, reporting
 from conftest import xla_flags  # pylint: disable=g-bad-import-order
+from tests.test_train import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,8 @@ def start(workdir: str, data_dir: str, devices: int, *extra: str,
           # ReLU input within ~1e-6 of 0, where the gradient jumps, and a large step amplifies
           # that (tests/test_train.py measures it: <= 2.5% of an update at this rate).
           "--config.optimizer.lr=0.001",
-          "--config.progress_bar=false", *extra]
+          "--config.progress_bar=false",
+          *(f"--config.{field}={value}" for field, value in TINY_MODEL.items()), *extra]
   return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

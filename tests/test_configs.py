@@ -141,7 +141,7 @@ def test_validation_reports_every_problem_at_once():
   with pytest.raises(ValueError) as error:
     config_lib.validate(config)
   message = str(error.value)
-  assert "config.model.name must be one of resnet20, resnet32" in message
+  assert "config.model.name must be one of resnet8, resnet20, resnet32" in message
   assert "config.optimizer.schedule must be one of constant, step, cosine; got 'linear'" in message
   assert "config.optimizer.momentum must be in [0, 1); got 1.5" in message
 

@@ -1,6 +1,6 @@
 """Faults injected into tiny real runs: nothing trained is lost, nothing written is wrong.
 
-Each test interrupts, corrupts or misuses a run of a quarter-width ResNet-20 on Fashion-MNIST
+Each test interrupts, corrupts or misuses a run of test_train.TINY_MODEL on Fashion-MNIST
 (batch 16, 12 steps, constant learning rate) and checks that the run ends where an uninterrupted
 one ends, bitwise (one machine, one device count), with records that say what happened. Runs that must
 receive a real signal or exit code run as `python -m resnet_jax.main` subprocesses; the rest run
@@ -37,7 +37,7 @@ NUM_STEPS = 12
 TINY = {"dataset.eval_split": "test[:64]", "batch_size": 16, "eval_batch_size": 32,
         "num_steps": NUM_STEPS, "log_every": 1, "eval_every": 0, "checkpoint_every": 3,
         "keep_checkpoints": 2, "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
-        "progress_bar": False, "model.width": 0.25}
+        "progress_bar": False, **test_train.TINY_MODEL}
 
 
 def tiny_config(data_dir: str, **overrides) -> config_lib.ConfigDict:
@@ -903,7 +903,8 @@ BAD_INPUT = [
     (["--config.optimizer.learning_rate=0.1"],
      "unknown config field --config.optimizer.learning_rate: the fields and their meaning"),
     (["--config.batch_size=big"], "flag --config.batch_size=big: invalid literal for int()"),
-    (["--config.model.name=resnet21"], "CIFAR ResNet depth must be 6n+2: 20, 32, 44, 56, 110"),
+    (["--config.model.name=resnet21"],
+     "CIFAR ResNet depth must be 6n+2: 8, 20, 32, 44, 56, 110"),
     (["--config.optimizer.lr=inf"], "config.optimizer.lr must be finite and > 0; got inf"),
     (["--config.num_steps=100000000000"],
      "config.num_steps (100,000,000,000) must be at most 2,147,483,647: the step counter is "

@@ -16,6 +16,7 @@ import pytest
 
 from resnet_jax import checkpoints, data, landscape, models, parallel, sources, train, trainer
 from resnet_jax import config as config_lib
+from tests.test_train import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = 40  # Not a multiple of the 16-example chunks: the last one is padded and masked.
@@ -24,10 +25,10 @@ EPS = float(np.finfo(np.float32).eps)
 
 @pytest.fixture(scope="module")
 def run_dir(prepared_data_dir, tmp_path_factory) -> str:
-  """A width-0.25 ResNet-20 trained 3 steps at batch 16, checkpointed at steps 2 and 3."""
+  """test_train.TINY_MODEL trained 3 steps at batch 16, checkpointed at steps 2 and 3."""
   config = config_lib.default_config()
   for field, value in {"dataset.data_dir": prepared_data_dir, "dataset.eval_split": "test[:32]",
-                       "model.width": 0.25, "batch_size": 16, "eval_batch_size": 16,
+                       **TINY_MODEL, "batch_size": 16, "eval_batch_size": 16,
                        "num_steps": 3, "log_every": 1, "eval_every": 0, "checkpoint_every": 2,
                        "optimizer.schedule": "constant", "progress_bar": False}.items():
     section, _, leaf = field.rpartition(".")
@@ -94,7 +95,7 @@ def test_filter_normalised_direction_has_the_checkpoints_filter_norms_and_no_bn_
       np.testing.assert_allclose(norm(d), norm(p), rtol=EPS, err_msg=name)
     else:  # BN scales and offsets, the head's bias.
       assert not np.any(d), name
-  assert kernels == 20  # 19 convs (option A: no projections) and the dense head.
+  assert kernels == 8  # ResNet-8: 7 convs (option A: no projections) and the dense head.
   assert not any(np.any(s) for s in jax.tree.leaves(direction["batch_stats"]))
   again, = landscape.random_directions(7, variables, count=1)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(direction),
@@ -180,7 +181,7 @@ def test_command_line_writes_the_landscape_and_compare_draws_two_runs(run_dir, t
                                          "surface.png"]
   stored = landscape.Landscape.load(os.path.join(written, "landscape.npz"))
   assert (stored.network, stored.step, stored.examples, stored.span) == (
-      "ResNet-20, width 0.25", 2, 16, 1.0)
+      "ResNet-8, width 0.25", 2, 16, 1.0)
   assert stored.surface_loss.shape == (3, 3) and np.all(np.isfinite(stored.line_loss))
 
   twin = str(tmp_path / "twin")  # A second run without a landscape: --compare computes it.

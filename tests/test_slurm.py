@@ -16,7 +16,7 @@ import sys
 import time
 
 import ml_collections
-from tests import multihost
+from tests import multihost, test_train
 import pytest
 import submitit
 
@@ -70,7 +70,7 @@ def jobs():
 def tiny_sweep(data_dir: str, sweep_points, **fixed) -> ml_collections.ConfigDict:
   tiny = {"dataset": {"data_dir": data_dir, "eval_split": "test[:64]"}, "batch_size": 16,
           "eval_batch_size": 32, "num_steps": 4, "log_every": 2, "checkpoint_every": 0,
-          "progress_bar": False, "model": {"width": 0.25}, "optimizer": {"warmup_steps": 0},
+          "progress_bar": False, "model": test_train.tiny_model(), "optimizer": {"warmup_steps": 0},
           **fixed}
   return ml_collections.ConfigDict({"base": "configs/fashion_mnist.py", "fixed": tiny,
                                     "points": sweep_points})
@@ -221,8 +221,9 @@ def test_point_the_run_refuses_is_recorded_failed_and_not_requeued(array_sweep):
 
 
 # Long enough that the task is still training when the interruption lands: SLURM took 1.6 s from
-# the urgent job's sbatch to the preemption, time for 48 of the tiny run's steps with a warm
-# compilation cache (a run of 50 then finished first and nothing was preempted).
+# the urgent job's sbatch to the preemption, time for about 65 of the tiny run's steps (about
+# 25 ms each with a warm compilation cache; a run of 50 steps once finished first and nothing was
+# preempted).
 UNINTERRUPTED_STEPS = 200
 
 

@@ -21,12 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import checkpoints, config as config_lib, parallel, reporting, sources, train
 from resnet_jax import trainer as trainer_lib
-from tests.test_train import SYNTHETIC_INFO, tiny_config
+from tests.test_train import SYNTHETIC_INFO, TINY_MODEL, tiny_config
 
 
 def _trainer(steps_per_call: int, batches: list[dict]) -> trainer_lib.Trainer:
   config = config_lib.default_config()
-  config.model.width = 0.25
+  config.update_from_flattened_dict(TINY_MODEL)
   config.steps_per_call = steps_per_call
   mesh = parallel.make_mesh()
   on_devices = [jax.device_put(b, NamedSharding(mesh, PartitionSpec("data"))) for b in batches]
@@ -109,7 +109,7 @@ def test_calls_end_where_the_loop_has_work():
 def test_run_of_several_steps_per_call_resumes_bitwise_from_a_step_inside_a_call(
     prepared_data_dir, tmp_path):
   overrides = {"num_steps": 12, "log_every": 5, "checkpoint_every": 0, "steps_per_call": 4,
-               "keep_checkpoints": 5, "model.width": 0.25}
+               "keep_checkpoints": 5}
   straight = str(tmp_path / "straight")  # Calls 0-4, 4-5, 5-9, 9-10, 10-12.
   assert train.train_and_evaluate(tiny_config(prepared_data_dir, **overrides),
                                   straight).status == "completed"

@@ -22,6 +22,7 @@ import ml_collections
 import pytest
 
 from resnet_jax import diagnostics, lock, points, reporting, results, runner
+from tests import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -428,25 +429,25 @@ def test_real_tiny_sweep_records_results_diagnostics_and_divergence(prepared_dat
   tiny = {"dataset": {"data_dir": prepared_data_dir, "eval_split": "test[:64]"},
           "batch_size": 16, "eval_batch_size": 32, "num_steps": 4, "log_every": 2,
           "checkpoint_every": 0, "diagnostics_every": 2, "progress_bar": False,
-          "optimizer": {"warmup_steps": 0}}
+          "optimizer": {"warmup_steps": 0}, "model": test_train.tiny_model()}
   config = make_sweep([{"skip": False}, {"skip": True, "lr": 1e30}], fixed=tiny)
   rows = runner.run_sweep(config, str(tmp_path))
 
   assert [(r["name"], r["status"], r["num_params"]) for r in rows] == [
-      ("skip=false", "completed", 269_434), ("skip=true,lr=1e+30", "diverged", 269_434)]
+      ("skip=false", "completed", 4_934), ("skip=true,lr=1e+30", "diverged", 4_934)]
   assert rows[0]["step"] == 4 and 0.0 <= rows[0]["test_error"] <= 1.0
   assert "NaN/Inf" in rows[1]["message"]
   events = reporting.read_metrics(str(tmp_path / "skip=false"))
   records = [e for e in events if e["event"] == "diagnostics"]
   assert [r["step"] for r in records] == [0, 2]
-  blocks = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)]
+  blocks = ["stage1_block1", "stage2_block1", "stage3_block1"]  # ResNet-8: one block a stage.
   assert list(diagnostics.block_order(records[0]["grad_norm"])) == ["stem", *blocks, "head"]
   assert sorted(records[0]["activation_rms"]) == sorted(blocks)
   assert all(v > 0 for v in records[0]["grad_norm"].values())
 
 
 TINY_LR_SWEEP = {"batch_size": 16, "eval_batch_size": 32, "num_steps": 2, "log_every": 2,
-                 "checkpoint_every": 0, "progress_bar": False, "model": {"width": 0.25},
+                 "checkpoint_every": 0, "progress_bar": False, "model": test_train.tiny_model(),
                  "optimizer": {"warmup_steps": 0}}
 
 
