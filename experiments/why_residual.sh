@@ -8,9 +8,12 @@
 #   4. configs/sweeps/edge_of_stability_fashion_mnist.py: full-batch gradient descent on 2,000
 #      images, plain and residual ResNet-20 at two lrs, sharpness against 2/lr, and its plots;
 #      then experiments/eos_check.py at each of the last three checkpoints of each run
-#      (eos_check.jsonl).
+#      (eos_check.jsonl);
+#   5. configs/sweeps/trained_landscapes_fashion_mnist.py: plain-56 and ResNet-56 trained to a low
+#      training loss on 1,000 images, their landscapes side by side (compare.png), and how convex
+#      each is (experiments/landscape_numbers.py: landscape_numbers.jsonl).
 # Usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]
-# PARTS (default "1 2 3 4") picks the parts: `... OUT_DIR runs "1 2"` runs the first two.
+# PARTS (default "1 2 3 4 5") picks the parts: `... OUT_DIR runs "1 2"` runs the first two.
 # runs in RUNS_DIR (default runs/, where the configs' own commands run them) and copies the small
 # result files (csv, md, png, npz; no checkpoints) to OUT_DIR/<the sweep's name>. Run it again to resume: the sweeps skip their finished points,
 # a run's landscape is kept once computed. Both sweeps share a persistent compilation cache
@@ -18,12 +21,13 @@
 # Measured in parts on the 2-core AMD CPU while other jobs shared it: the first sweep 16 minutes,
 # each landscape 50-170 s, the map 25 minutes (an estimated 10-15 idle); about 45 minutes in all.
 # Part 4 alone: the sweep 31.5 minutes (two points at a time), the twelve checks about 15-20
-# minutes (150-175 s each when two ran at once).
+# minutes (150-175 s each when two ran at once). Part 5 alone, idle: about 16 minutes (the two
+# runs 11, each landscape 105-110 s, the numbers 90 s).
 set -eu -o pipefail
 usage="usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]"
 out=${1:?$usage}
 runs=${2:-runs}
-parts=" ${3:-1 2 3 4} "
+parts=" ${3:-1 2 3 4 5} "
 # Whether part $1 is to run.
 want() {
   [[ $parts == *" $1 "* ]]
@@ -32,6 +36,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$runs/xla_cache}
 why=$runs/why_residual_fashion_mnist
 map=$runs/lr_depth_fashion_mnist
 eos=$runs/edge_of_stability_fashion_mnist
+trained=$runs/trained_landscapes_fashion_mnist
 
 # Copies the csv, md, png and npz files under directory $1 (not its checkpoints or TensorBoard
 # events) into directory $2, keeping their paths relative to $1.
@@ -95,5 +100,26 @@ if want 4; then
     mv "$eos/eos_check.jsonl.part" "$eos/eos_check.jsonl"
   fi
   cp "$eos/eos_check.jsonl" "$out/edge_of_stability_fashion_mnist/"
+fi
+
+if want 5; then
+  echo "== 5. configs/sweeps/trained_landscapes_fashion_mnist.py ($SECONDS s so far)"
+  python -m resnet_jax.sweep --config=configs/sweeps/trained_landscapes_fashion_mnist.py \
+      --workdir="$trained" --pack=processes:2 2>&1 | tail -4
+  for skip in false true; do
+    if [[ ! -f $trained/skip=$skip/landscape/landscape.npz ]]; then
+      python -m resnet_jax.landscape --workdir="$trained/skip=$skip" --grid=21 --examples=256 \
+          2>&1 | tail -1
+    fi
+  done
+  python -m resnet_jax.landscape --out="$trained" \
+      --compare="$trained/skip=false,$trained/skip=true" 2>&1 | tail -1
+  if [[ ! -f $trained/landscape_numbers.jsonl ]]; then
+    python experiments/landscape_numbers.py --workdir="$trained/skip=false" \
+        --workdir="$trained/skip=true" --out="$trained/landscape_numbers.jsonl.part" | cut -c1-200
+    mv "$trained/landscape_numbers.jsonl.part" "$trained/landscape_numbers.jsonl"
+  fi
+  copy_results "$trained" "$out/trained_landscapes_fashion_mnist"
+  cp "$trained/landscape_numbers.jsonl" "$out/trained_landscapes_fashion_mnist/"
 fi
 echo "== done in $SECONDS s: $out"

@@ -31,6 +31,11 @@ compiled program (`make_evaluator`) evaluates the combination sum_k c_k * tree_k
 in chunks of the run's `eval_batch_size`, sharded over the devices. The coefficients are inputs,
 so the line is one compilation and the surface another, whatever the grid.
 
+**How convex.** `convexity_numbers` reads a computed surface: the share of its points near the
+centre where it curves down along some direction, and the median ratio of its principal
+curvatures (Li et al.'s measure of non-convexity, on the surface rather than the whole Hessian).
+experiments/landscape_numbers.py adds the whole Hessian's two ends at the centre.
+
 **Cost.** One forward pass over the images per grid point: grid + grid^2 passes, besides
 compiling the run's initialisation and the two evaluation programs (the README has figures).
 
@@ -245,6 +250,55 @@ def loss_surface(evaluate, center: Variables, directions: Sequence[Variables],
   rows = np.stack([np.ones(x.size), x.ravel(), y.ravel()], axis=1)
   loss, error = evaluate((center, *directions), rows)
   return loss.reshape(x.shape), error.reshape(x.shape)
+
+
+# --- How convex a surface is. ---
+
+def surface_curvatures(surface_loss: np.ndarray, coords: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """(lowest, highest), float64 [G-2, G-2] each: the principal curvatures of the surface at its
+  interior points, the eigenvalues of its 2x2 Hessian by central differences on the grid
+  (exact for a quadratic). [i, j] is the surface's point [i + 1, j + 1]."""
+  loss = np.asarray(surface_loss, np.float64)
+  h = float(coords[1] - coords[0])
+  centre = loss[1:-1, 1:-1]
+  xx = (loss[1:-1, 2:] - 2 * centre + loss[1:-1, :-2]) / h**2
+  yy = (loss[2:, 1:-1] - 2 * centre + loss[:-2, 1:-1]) / h**2
+  xy = (loss[2:, 2:] - loss[2:, :-2] - loss[:-2, 2:] + loss[:-2, :-2]) / (4 * h**2)
+  mean, spread = (xx + yy) / 2, np.hypot((xx - yy) / 2, xy)
+  return mean - spread, mean + spread
+
+
+def convexity_numbers(surface_loss: np.ndarray, coords: np.ndarray, radius: float) -> dict:
+  """Numbers that say how convex a surface is within `radius` of its centre (the checkpoint).
+
+  Li et al. (2018, Figure 7) map |λmin / λmax| of the Hessian over their surfaces: near 0 where
+  the loss is locally convex, large where it curves down as much as up. Here the same ratio of
+  the surface's own principal curvatures (`surface_curvatures`), over its interior grid points
+  within `radius`:
+    nonconvex_share: the share of those points where the surface curves down along some
+      direction (lowest < 0);
+    median_ratio: the median of |lowest| / highest, counting a point convex in every direction
+      as 0 and one concave in every direction as inf;
+    loss_rise: the mean loss on the grid points at distance `radius` (within half a grid step)
+      minus the loss at the centre: how steep the surroundings are.
+  """
+  step, span = float(coords[1] - coords[0]), float(coords[-1])
+  if not step <= radius <= span - step:
+    raise ValueError(f"radius must be from one grid step to the span less one ({step:g} to "
+                     f"{span - step:g}) for the grid's interior to reach it; got {radius}")
+  lowest, highest = surface_curvatures(surface_loss, coords)
+  y, x = np.meshgrid(coords[1:-1], coords[1:-1], indexing="ij")
+  inside = np.hypot(x, y) <= radius + 1e-9
+  low, high = lowest[inside], highest[inside]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    ratio = np.where(low >= 0, 0.0, np.where(high > 0, -low / high, np.inf))
+  full_y, full_x = np.meshgrid(coords, coords, indexing="ij")
+  ring = np.abs(np.hypot(full_x, full_y) - radius) <= step / 2
+  centre = surface_loss[len(coords) // 2, len(coords) // 2]
+  return {"radius": radius, "points": int(inside.sum()),
+          "nonconvex_share": float(np.mean(low < 0)), "median_ratio": float(np.median(ratio)),
+          "loss_rise": float(np.mean(surface_loss[ring]) - centre)}
 
 
 # --- One run. ---

@@ -1,10 +1,10 @@
 """Faults injected into tiny real runs: nothing trained is lost, nothing written is wrong.
 
-Each test interrupts, corrupts or misuses a run of test_train.TINY_MODEL on Fashion-MNIST
-(batch 16, 12 steps, constant learning rate) and checks that the run ends where an uninterrupted
-one ends, bitwise (one machine, one device count), with records that say what happened. Runs that must
-receive a real signal or exit code run as `python -m resnet_jax.main` subprocesses; the rest run
-in-process.
+Each test interrupts, corrupts or misuses a run of test_train.TINY_MODEL on Fashion-MNIST (batch
+16, 12 steps, constant learning rate) and checks that the run ends where an uninterrupted one
+ends, bitwise (one machine, one device count), with records that say what happened. Runs that
+must receive a real signal or exit code run as `python -m resnet_jax.main` subprocesses; the rest
+run in-process.
 """
 
 from __future__ import annotations

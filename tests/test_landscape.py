@@ -16,6 +16,7 @@ import pytest
 
 from resnet_jax import checkpoints, data, landscape, models, parallel, sources, train, trainer
 from resnet_jax import config as config_lib
+from experiments import landscape_numbers
 from tests.test_train import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,6 +154,19 @@ def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
 
 @pytest.mark.slow
 @pytest.mark.numerics
+def test_hessian_at_the_centre_is_of_the_surfaces_own_loss(run_dir, computed,
+                                                           assert_evaluates_as_directly):
+  # experiments/landscape_numbers.py: Lanczos on the function the surface draws (BN in inference
+  # mode, the same images), so its loss at the centre is the surface's centre.
+  ends = landscape_numbers.centre_hessian_ends(run_dir, computed, iters=6)
+  assert_evaluates_as_directly(checkpoint_variables(run_dir), ends["centre_loss"],
+                               computed.surface_error[1, 1])
+  assert ends["lanczos_iters"] == 6 and ends["lowest"] < ends["top"]
+  assert ends["lowest_over_top"] == abs(ends["lowest"] / ends["top"])
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
 def test_line_runs_from_the_initial_network_to_the_checkpoint(run_dir, computed,
                                                               assert_evaluates_as_directly):
   config = landscape.run_config(run_dir)
@@ -227,3 +241,38 @@ def test_a_long_evaluation_reports_its_progress_every_tenth(monkeypatch, capsys)
                              rtol=8 * np.finfo(np.float32).eps)
   assert capsys.readouterr().out.splitlines() == [
       f"[landscape] {k} of 20 networks evaluated" for k in range(2, 21, 2)]
+
+
+def test_principal_curvatures_of_a_quadratic_surface_are_its_hessians_eigenvalues():
+  # On a quadratic, central differences are exact: 1/2 [x y] H [x y]^T with H = [[3, 1], [1, -2]]
+  # has curvatures (1 -/+ sqrt(29)) / 2 at every point, whatever the offset and the slope.
+  coords = landscape.surface_coordinates(7, 1.5)
+  y, x = np.meshgrid(coords, coords, indexing="ij")
+  surface = 0.7 + 0.3 * x - 0.2 * y + (3 * x * x + 2 * x * y - 2 * y * y) / 2
+  lowest, highest = landscape.surface_curvatures(surface, coords)
+  assert lowest.shape == highest.shape == (5, 5)
+  np.testing.assert_allclose(lowest, (1 - np.sqrt(29)) / 2, rtol=1e-12)
+  np.testing.assert_allclose(highest, (1 + np.sqrt(29)) / 2, rtol=1e-12)
+
+
+def test_convexity_numbers_tell_a_bowl_from_a_saddle_and_a_cap():
+  coords = landscape.surface_coordinates(21, 1.0)  # Steps of 0.1.
+  y, x = np.meshgrid(coords, coords, indexing="ij")
+  bowl = landscape.convexity_numbers(x * x + 4 * y * y, coords, radius=0.5)
+  assert bowl["points"] == 81  # The integer pairs (i, j) with i^2 + j^2 <= 5^2.
+  assert bowl["nonconvex_share"] == 0.0 and bowl["median_ratio"] == 0.0
+  # The ring at radius 0.5 (within 0.05): the mean of x^2 + 4 y^2 over it, from the grid itself.
+  ring = np.abs(np.hypot(x, y) - 0.5) <= 0.05
+  assert bowl["loss_rise"] == pytest.approx(np.mean((x * x + 4 * y * y)[ring]), rel=1e-12)
+
+  saddle = landscape.convexity_numbers(x * x - 0.5 * y * y, coords, radius=0.5)
+  assert saddle["nonconvex_share"] == 1.0
+  assert saddle["median_ratio"] == pytest.approx(0.5, rel=1e-9)  # |-1| / 2 of curvatures 2, -1.
+
+  # Concave in every direction: infinitely far from convex.
+  cap = landscape.convexity_numbers(-(x * x + y * y), coords, radius=0.5)
+  assert cap["nonconvex_share"] == 1.0 and cap["median_ratio"] == np.inf
+  for radius in (0.05, 0.95):
+    with pytest.raises(ValueError, match=rf"radius must be from one grid step to the span less "
+                                         rf"one \(0.1 to 0.9\).*got {radius}"):
+      landscape.convexity_numbers(x * x, coords, radius=radius)

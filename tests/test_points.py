@@ -142,6 +142,7 @@ def test_cifar10_ablation_runs_the_papers_protocol():
     ("ablation_fashion_mnist_gpu.py", (110, 56, 20)),
     ("why_residual_fashion_mnist.py", (20, 56)),
     ("why_residual_fashion_mnist_gpu.py", (110, 20)),
+    ("trained_landscapes_fashion_mnist.py", (56,)),
 ])
 def test_fashion_mnist_ablations_pair_every_depth_with_its_plain_twin(name, depths):
   sweep = points.expand(load_sweep_file(name))
@@ -163,6 +164,17 @@ def test_lr_depth_maps_cover_every_lr_depth_and_skip_with_the_lr_slowest(name, l
   assert {p.config.dataset.name for p in sweep} == {"fashion_mnist"}
   with open(os.path.join(REPO, "configs", "sweeps", name)) as f:
     assert f"--config=configs/sweeps/{name}" in f.read()
+
+
+def test_trained_landscapes_fit_an_unaugmented_subset_for_the_steps_asked():
+  sweep = points.expand(load_sweep_file("trained_landscapes_fashion_mnist.py", "steps=300"))
+  for p in sweep:
+    c = p.config
+    assert c.dataset.train_split == "train[:1000]" and c.batch_size == 64
+    assert (c.dataset.crop_padding, c.dataset.flip) == (0, False)
+    assert (c.num_steps, c.model.width) == (300, 0.25)
+  default = points.expand(load_sweep_file("trained_landscapes_fashion_mnist.py"))
+  assert [p.config.num_steps for p in default] == [2000, 2000]
 
 
 def test_edge_of_stability_sweep_is_full_batch_gradient_descent_at_each_lr_plain_and_residual():
