@@ -544,8 +544,11 @@ def _settings(landscape: Landscape) -> str:
 def _draw_line(ax, landscape: Landscape) -> None:
   ax.plot(landscape.alphas, landscape.line_loss, color="C0", marker=".", label="loss")
   ax.set_yscale("log")
-  for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-    axis(matplotlib.ticker.FormatStrFormatter("%.3g"))
+  ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+  # Between the decades only where the line spans at most one (then it may have no decade to
+  # label); over several decades, labels at every 2, 3, ... 9 overlap.
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False,
+                                                              minor_thresholds=(1, 0.4)))
   ax.set_xlabel(f"a: (1 - a) * initial + a * step {landscape.step}")
   ax.set_ylabel("training loss (log)", color="C0")
   ax.grid(alpha=0.3, which="both")
