@@ -14,7 +14,10 @@ images of its training split, BN in inference mode: the very function the surfac
   - at the centre, the whole Hessian's two ends by Lanczos (--iters Hessian-vector products,
     curvature.lanczos): the top and the lowest Ritz values, their `ritz_bounds`, and
     |lowest / top|. The Ritz values approximate the ends from inside: the top from below, the
-    lowest from above (a negative lowest is a true negative curvature of at least that size).
+    lowest from above (a negative lowest is a true negative curvature of at least that size);
+  - the same at the four surface points --hessian_radius from the centre along the surface's
+    two directions (Li et al. map |lowest / top| of the whole Hessian over their surfaces; a
+    Lanczos run a point makes a whole map too costly here). 0 leaves them out.
 Writes one JSON line per run (stdout, and --out if given).
 """
 
@@ -39,8 +42,11 @@ from resnet_jax import checkpoints, curvature, data, landscape, models, parallel
 from experiments.stream_bench import cpu_model
 
 
-def centre_hessian_ends(workdir: str, stored: landscape.Landscape, iters: int) -> dict:
-  """Lanczos on the Hessian of the landscape's loss at its centre: top and lowest Ritz values."""
+def centre_hessian_ends(workdir: str, stored: landscape.Landscape, iters: int,
+                        offsets: tuple[tuple[float, float], ...] = ()) -> dict:
+  """Lanczos on the Hessian of the landscape's loss at its centre: top and lowest Ritz values;
+  and under "around", the same at each surface point (x, y) of `offsets`, x and y along the
+  surface's two directions."""
   config = landscape.run_config(workdir)
   info = data.dataset_info(config.dataset)
   _, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), stored.step)
@@ -53,7 +59,7 @@ def centre_hessian_ends(workdir: str, stored: landscape.Landscape, iters: int) -
   batch = jax.device_put({"image": images, "label": labels}, parallel.batch_sharded(mesh))
   params = jax.device_put(state["params"], parallel.replicated(mesh))
   batch_stats = jax.device_put(state["batch_stats"], parallel.replicated(mesh))
-  flat, _ = ravel_pytree(params)
+  flat, unravel = ravel_pytree(params)
 
   # Every array an argument, none a closed-over constant (XLA would fold the convolutions over
   # the images into the program at compile time).
@@ -62,34 +68,48 @@ def centre_hessian_ends(workdir: str, stored: landscape.Landscape, iters: int) -
                          data.normalize(batch["image"], info.mean, info.std), train=False)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
 
-  hvp = jax.jit(lambda p, s, b, v: curvature.hessian_vector_product(
-      lambda q: loss(q, s, b), p, v))
+  hvp = jax.jit(lambda x, s, b, v: curvature.hessian_vector_product(
+      lambda q: loss(q, s, b), unravel(x), v))
+  loss_at = jax.jit(lambda x, s, b: loss(unravel(x), s, b))
+
+  def ends(x) -> dict:
+    alphas, betas, residual = curvature.lanczos(
+        lambda v: hvp(x, batch_stats, batch, v),
+        jax.random.normal(jax.random.key(0), flat.shape, flat.dtype), iters)
+    values, bounds = curvature.ritz_bounds(alphas, betas, residual)
+    return {"loss": float(loss_at(x, batch_stats, batch)),
+            "top": float(values[0]), "top_bound": float(bounds[0]),
+            "lowest": float(values[-1]), "lowest_bound": float(bounds[-1]),
+            "lowest_over_top": abs(float(values[-1]) / float(values[0]))}
+
   start = time.time()
-  alphas, betas, residual = curvature.lanczos(
-      lambda v: hvp(params, batch_stats, batch, v),
-      jax.random.normal(jax.random.key(0), flat.shape, flat.dtype), iters)
-  values, bounds = curvature.ritz_bounds(alphas, betas, residual)
-  centre_loss = float(jax.jit(loss)(params, batch_stats, batch))
-  return {"centre_loss": centre_loss, "lanczos_iters": iters,
-          "top": float(values[0]), "top_bound": float(bounds[0]),
-          "lowest": float(values[-1]), "lowest_bound": float(bounds[-1]),
-          "lowest_over_top": abs(float(values[-1]) / float(values[0])),
-          "hessian_seconds": round(time.time() - start, 1)}
+  centre = ends(flat)
+  around = []
+  if offsets:
+    # The surface's own directions (BN statistics held, as on the surface).
+    directions = [ravel_pytree(d["params"])[0] for d in landscape.random_directions(
+        stored.seed, {"params": state["params"], "batch_stats": state["batch_stats"]})]
+    for x, y in offsets:
+      around.append({"x": x, "y": y, **ends(flat + x * directions[0] + y * directions[1])})
+  return {"centre_loss": centre.pop("loss"), "lanczos_iters": iters, **centre,
+          "around": around, "hessian_seconds": round(time.time() - start, 1)}
 
 
-def numbers(workdir: str, radii: list[float], iters: int) -> dict:
+def numbers(workdir: str, radii: list[float], iters: int, hessian_radius: float) -> dict:
   path = os.path.join(workdir, landscape.LANDSCAPE_DIR, landscape.DATA_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: compute it first with "
                             f"python -m resnet_jax.landscape --workdir={workdir}")
   stored = landscape.Landscape.load(path)
+  r = hessian_radius
+  offsets = ((r, 0.0), (-r, 0.0), (0.0, r), (0.0, -r)) if r else ()
   surface = [landscape.convexity_numbers(stored.surface_loss, stored.coords, r) for r in radii]
   return {"run": os.path.basename(os.path.normpath(workdir)), "network": stored.network,
           "step": stored.step, "examples": stored.examples, "span": stored.span,
           "grid": len(stored.coords),
           "train_error_at_centre": float(stored.surface_error[len(stored.coords) // 2,
                                                               len(stored.coords) // 2]),
-          "surface": surface, **centre_hessian_ends(workdir, stored, iters),
+          "surface": surface, **centre_hessian_ends(workdir, stored, iters, offsets),
           "cpu_model": cpu_model(), "cores": os.cpu_count(), "devices": jax.device_count()}
 
 
@@ -102,6 +122,9 @@ def main() -> int:
                       "and 0.5); repeat for more.")
   parser.add_argument("--iters", type=int, default=20,
                       help="Lanczos steps (Hessian-vector products) at the centre.")
+  parser.add_argument("--hessian_radius", type=float, default=0.25,
+                      help="Also the whole Hessian's ends at the 4 surface points this far from "
+                      "the centre along each direction; 0: the centre alone.")
   parser.add_argument("--out", default=None, help="A JSON-lines file to append the results to.")
   args = parser.parse_args()
   if args.iters < 2:
@@ -109,7 +132,7 @@ def main() -> int:
   radii = args.radius or [0.25, 0.5]
   try:
     for workdir in args.workdir:
-      line = json.dumps(numbers(workdir, radii, args.iters))
+      line = json.dumps(numbers(workdir, radii, args.iters, args.hessian_radius))
       print(line, flush=True)
       if args.out:
         with open(args.out, "a") as f:

@@ -21,8 +21,8 @@
 # Measured in parts on the 2-core AMD CPU while other jobs shared it: the first sweep 16 minutes,
 # each landscape 50-170 s, the map 25 minutes (an estimated 10-15 idle); about 45 minutes in all.
 # Part 4 alone: the sweep 31.5 minutes (two points at a time), the twelve checks about 15-20
-# minutes (150-175 s each when two ran at once). Part 5 alone, idle: about 16 minutes (the two
-# runs 11, each landscape 105-110 s, the numbers 90 s).
+# minutes (150-175 s each when two ran at once). Part 5 alone, idle: about 21 minutes (the two
+# runs 11, each landscape 105-110 s, the numbers 5.7 minutes).
 set -eu -o pipefail
 usage="usage: bash experiments/why_residual.sh OUT_DIR [RUNS_DIR] [PARTS]"
 out=${1:?$usage}

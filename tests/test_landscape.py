@@ -157,12 +157,18 @@ def test_surface_at_its_centre_is_the_checkpoints_own_loss(run_dir, computed,
 def test_hessian_at_the_centre_is_of_the_surfaces_own_loss(run_dir, computed,
                                                            assert_evaluates_as_directly):
   # experiments/landscape_numbers.py: Lanczos on the function the surface draws (BN in inference
-  # mode, the same images), so its loss at the centre is the surface's centre.
-  ends = landscape_numbers.centre_hessian_ends(run_dir, computed, iters=6)
-  assert_evaluates_as_directly(checkpoint_variables(run_dir), ends["centre_loss"],
-                               computed.surface_error[1, 1])
+  # mode, the same images), so its loss at the centre is the surface's centre, and at the point
+  # (0.5, 0) the surface's [1, 2].
+  ends = landscape_numbers.centre_hessian_ends(run_dir, computed, iters=6, offsets=((0.5, 0.0),))
+  variables = checkpoint_variables(run_dir)
+  assert_evaluates_as_directly(variables, ends["centre_loss"], computed.surface_error[1, 1])
   assert ends["lanczos_iters"] == 6 and ends["lowest"] < ends["top"]
   assert ends["lowest_over_top"] == abs(ends["lowest"] / ends["top"])
+  (point,) = ends["around"]
+  direction = landscape.random_directions(computed.seed, variables)[0]
+  moved = jax.tree.map(lambda v, d: v + 0.5 * d, variables, direction)
+  assert (point["x"], point["y"]) == (0.5, 0.0) and point["lowest"] < point["top"]
+  assert_evaluates_as_directly(moved, point["loss"], computed.surface_error[1, 2])
 
 
 @pytest.mark.slow
