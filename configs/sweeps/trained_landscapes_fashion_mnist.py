@@ -14,10 +14,10 @@ bash experiments/why_residual.sh OUT_DIR):
       --out="$W/landscape_numbers.jsonl"
 Each run is trained to fit a subset, as Li et al.'s nets fit CIFAR-10's training set:
 train[:1000], no augmentation, STEPS steps at batch 64 (128 epochs), lr 0.1 with 20 warm-up steps
-and cosine decay, momentum 0.9, weight decay 5e-4. The surfaces are on 256 of those images, 21 x 21 on
-[-1, 1]^2 along two orthogonal filter-normalised directions; landscape_numbers.py says how convex
-each is within radius 0.25 and 0.5 and takes the whole Hessian's two ends at the centre and at
-four points 0.25 from it.
+and cosine decay, momentum 0.9, weight decay 5e-4. The surfaces are on 256 of those images,
+21 x 21 on [-1, 1]^2 along two orthogonal filter-normalised directions; landscape_numbers.py says
+how convex each is within radius 0.25 and 0.5 and takes the whole Hessian's two ends at the centre
+and at four points 0.25 from it.
 Arguments: steps=N (default STEPS).
 Time (2-core AMD EPYC, nothing else running): the two runs 11 minutes, two at a time; each
 landscape 105-110 s; landscape_numbers.py 5.7 minutes (11 Lanczos runs); about 21 minutes in all.
