@@ -34,7 +34,7 @@ so the line is one compilation and the surface another, whatever the grid.
 **How convex.** `convexity_numbers` reads a computed surface: the share of its points near the
 centre where it curves down along some direction, and the median ratio of its principal
 curvatures (Li et al.'s measure of non-convexity, on the surface rather than the whole Hessian).
-experiments/landscape_numbers.py adds the whole Hessian's two ends at the centre.
+experiments/landscape_numbers.py adds the whole Hessian's two ends at the centre and near it.
 
 **Cost.** One forward pass over the images per grid point: grid + grid^2 passes, besides
 compiling the run's initialisation and the two evaluation programs (the README has figures).

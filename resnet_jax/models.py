@@ -414,7 +414,7 @@ def get_model(name: str, *, num_classes: int, **options) -> ResNet:
   """The network `name`, built as `config.model` says: get_model(num_classes=10, **config.model).
 
   Args:
-    name: CIFAR depths 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200
+    name: CIFAR depths 8, 20, 32, 44, 56, 110, 1202; ImageNet depths 18, 34, 50, 101, 152, 200
       ("resnet8" ... "resnet1202", "resnet18" ... "resnet200").
     num_classes: outputs of the dense head.
     **options: the other model options (architectures.OPTIONS, config.model's fields); those
