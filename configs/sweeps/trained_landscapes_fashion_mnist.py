@@ -29,7 +29,8 @@ and 77% of them (median |lowest / highest| curvature 0.46 and 0.27), and its los
 30 times as much at those distances. At the centre the whole Hessian's top eigenvalue is 735 for
 plain-56 and 0.22 for ResNet-56; its lowest is small beside it for both (-1.5 and -0.0007).
 0.25 from the centre, |lowest / top| of the whole Hessian is 0.05-0.37 for plain-56 and
-0.016-0.022 for ResNet-56.
+0.016-0.022 for ResNet-56. Plain-56 fits the images with steps=6000 (0.6% training error; 17
+minutes alone) and keeps its rough surface (0.04-0.12; README).
 """
 
 import ml_collections
