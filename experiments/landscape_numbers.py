@@ -33,12 +33,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
-from resnet_jax import checkpoints, curvature, data, landscape, models, parallel
+from resnet_jax import checkpoints, curvature, data, landscape, parallel, sources, steps
+from resnet_jax import trainer as trainer_lib
 from experiments.stream_bench import cpu_model
 
 
@@ -50,23 +49,25 @@ def centre_hessian_ends(workdir: str, stored: landscape.Landscape, iters: int,
   config = landscape.run_config(workdir)
   info = data.dataset_info(config.dataset)
   _, state = checkpoints.read_state(os.path.join(workdir, "checkpoints"), stored.step)
-  model = models.get_model(num_classes=info.num_classes, **config.model)
   images, labels = (x[:stored.examples]
                     for x in data.load_split(config.dataset, config.dataset.train_split))
   mesh = parallel.make_mesh()
   if len(labels) % mesh.devices.size:  # Shard evenly; the landscape's own chunks pad instead.
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
-  batch = jax.device_put({"image": images, "label": labels}, parallel.batch_sharded(mesh))
+  trainer = trainer_lib.build(config, info, mesh, source=sources.DeviceBatches(iter(()), {}))
+  batch = jax.device_put({"image": images, "label": labels, "mask": np.ones(len(labels), bool)},
+                         parallel.batch_sharded(mesh))
   params = jax.device_put(state["params"], parallel.replicated(mesh))
   batch_stats = jax.device_put(state["batch_stats"], parallel.replicated(mesh))
   flat, unravel = ravel_pytree(params)
 
-  # Every array an argument, none a closed-over constant (XLA would fold the convolutions over
-  # the images into the program at compile time).
+  # The run's own evaluation (as the surface's), as a mean. Every array an argument, none a
+  # closed-over constant (XLA would fold the convolutions over the images into the program at
+  # compile time).
   def loss(p, stats, batch):
-    logits = model.apply({"params": p, "batch_stats": stats},
-                         data.normalize(batch["image"], info.mean, info.std), train=False)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+    state = steps.TrainState(step=0, params=p, batch_stats=stats, opt_state=(), seed=0)
+    totals = trainer.eval_step(state, batch)
+    return totals["loss"] / totals["count"]
 
   hvp = jax.jit(lambda x, s, b, v: curvature.hessian_vector_product(
       lambda q: loss(q, s, b), unravel(x), v))
